@@ -1,0 +1,68 @@
+"""Training checkpoints: written atomically, loaded back to resume exactly or to rebuild the model.
+
+A checkpoint is a dict: ``model`` and ``optimizer`` and ``scheduler`` state dicts, ``epoch`` (completed epochs),
+``best_val_acc``, ``best_epoch``, ``metrics`` (the epoch's reported metrics), ``config`` (``RunConfig.to_dict()``)
+and ``rng`` (torch CPU and CUDA generator states). Only tensors, numbers, strings, lists and dicts, so
+``torch.load(weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drcapsnet.config import RunConfig
+from drcapsnet.model import CapsNet
+
+LAST = "last.pt"   # written every epoch: what a resumed run starts from
+BEST = "best.pt"   # written when validation accuracy improves
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path is missing or is not a drcaps checkpoint."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` atomically: a reader (or a crash) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / LAST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: {path} does not exist; pass the path of a .pt file written by drcaps train")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # any unpickling failure means "not our checkpoint"
+        reason = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"checkpoint: {path} is not a readable drcaps checkpoint ({reason})") from e
+    if not isinstance(state, dict) or not {"model", "config", "epoch"} <= state.keys():
+        raise CheckpointError(f"checkpoint: {path} is not a drcaps checkpoint (missing model/config/epoch)")
+    return state
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[CapsNet, RunConfig, dict[str, Any]]:
+    """Rebuild the model of a checkpoint: ``(model in eval mode, its RunConfig, the checkpoint dict)``."""
+    state = load_checkpoint(path, map_location)
+    run = RunConfig.from_dict(state["config"])
+    model = CapsNet(run.model)
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval(), run, state
