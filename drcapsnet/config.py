@@ -112,7 +112,7 @@ class DataConfig:
     """
 
     dataset: str = "digits"
-    data_dir: str | None = None          # torchvision root or IDX folder; resolved to an absolute path on load
+    data_dir: str | None = None          # torchvision root (default ~/.cache/drcaps/data) or IDX folder
     download: bool = True                # torchvision datasets only
     batch_size: int = 128
     val_fraction: float = 0.1            # held out from the training split
@@ -132,6 +132,9 @@ class DataConfig:
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and 0.0 < value < 0.9,
                    f"data.{name}: must be a number in (0, 0.9), got {value!r}")
+        _check(self.val_fraction + self.test_fraction <= 0.95,
+               f"data.val_fraction + data.test_fraction: must be <= 0.95 to leave training data, "
+               f"got {self.val_fraction} + {self.test_fraction}")
         _check(isinstance(self.shift_pixels, int) and 0 <= self.shift_pixels <= 8,
                f"data.shift_pixels: must be an integer in [0, 8], got {self.shift_pixels!r}")
         _check(self.limit_train is None or (isinstance(self.limit_train, int) and self.limit_train >= 10),
