@@ -130,7 +130,8 @@ def test_limit_train_keeps_a_stratified_subset_and_leaves_val_and_test_alone(dig
 
 
 def test_fractions_that_leave_no_training_data_are_refused():
-    with pytest.raises(DataError, match=r"data\.val_fraction \+ data\.test_fraction"):
+    # DataConfig refuses it where it is built, before any data is read.
+    with pytest.raises(ValueError, match=r"data\.val_fraction \+ data\.test_fraction"):
         load_datasets(DataConfig(dataset="digits", val_fraction=0.5, test_fraction=0.5))
 
 

@@ -1,0 +1,124 @@
+"""The search space: ``search.space`` entries -> optuna distributions, and sampled params -> a ``RunConfig``.
+
+Pure: no Ray. Optuna is imported inside the functions that need it, so ``apply_params`` (which every trial calls) and
+the experiment loader do not pay for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from drcapsnet.config import RunConfig
+from search.experiment import SAMPLERS, SECTIONS, Experiment, ParamSpec
+
+if TYPE_CHECKING:
+    import optuna
+
+
+def to_distributions(space: Mapping[str, ParamSpec]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """``{"train.lr": ParamSpec("float", 1e-4, 1e-1, log=True)}`` -> ``{"train.lr": FloatDistribution(...)}``."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name, spec in space.items():
+        if spec.type == "float":
+            out[name] = FloatDistribution(float(spec.low), float(spec.high), log=spec.log,  # type: ignore[arg-type]
+                                          step=None if spec.step is None else float(spec.step))
+        elif spec.type == "int":
+            out[name] = IntDistribution(int(spec.low), int(spec.high), log=spec.log,  # type: ignore[arg-type]
+                                        step=1 if spec.step is None else int(spec.step))
+        else:
+            out[name] = CategoricalDistribution(list(spec.choices))
+    return out
+
+
+def _python(value: Any) -> Any:
+    """numpy scalars (what samplers may hand back) -> the Python value."""
+    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Match the field's type: 3.0 -> 3 for int fields, 1 -> 1.0 for float fields; anything else as it is."""
+    accepts = set(typing.get_args(hint)) or {hint}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and int in accepts and float not in accepts and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and float in accepts and int not in accepts:
+        return float(value)
+    return value
+
+
+def _flatten(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted names as they are; a nested ``{"train": {"lr": ...}}`` (a searcher that unflattens) -> dotted."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if name in SECTIONS and isinstance(value, Mapping):
+            out.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def apply_params(exp: Experiment, params: Mapping[str, Any]) -> RunConfig:
+    """``exp.run`` with each dotted name in ``params`` replaced; the config's own checks run on the result.
+
+    Raises ``KeyError`` naming an unknown dotted name and ``ValueError`` (from the config) for a value it rejects.
+    """
+    changes: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for name, value in _flatten(params).items():
+        section, _, key = str(name).partition(".")
+        if section not in SECTIONS or key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise KeyError(f"{name}: not a config field (model.*, data.* or train.*)")
+        changes[section][key] = _coerce(_python(value), typing.get_type_hints(SECTIONS[section])[key])
+    return RunConfig(**{section: dataclasses.replace(getattr(exp.run, section), **values) if values
+                        else getattr(exp.run, section) for section, values in changes.items()})
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The seeded optuna sampler called ``name`` (``search.sampler``)."""
+    import importlib.util
+
+    import optuna
+
+    if name not in SAMPLERS:
+        raise ValueError(f"search.sampler: must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    if name == "cmaes" and importlib.util.find_spec("cmaes") is None:   # optuna would only fail at the 2nd trial
+        raise ModuleNotFoundError("search.sampler: 'cmaes' needs the cmaes package: pip install cmaes")
+    with warnings.catch_warnings():                        # QMC/GP are "experimental": the user chose them
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)   # unscrambled Sobol ignores the seed
+
+
+def sample_space(space: Mapping[str, ParamSpec], seed: int, n: int, sampler: str = "tpe") -> list[dict[str, Any]]:
+    """The first ``n`` proposals of the seeded sampler, with optuna alone (no training, no Ray).
+
+    Each trial is told a dummy value (its index) so that model-based samplers advance as in a real study.
+    """
+    import optuna
+
+    distributions = to_distributions(space)
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line per call
+    try:
+        study = optuna.create_study(sampler=make_sampler(sampler, seed), direction="maximize")
+        out: list[dict[str, Any]] = []
+        for i in range(n):
+            trial = study.ask(fixed_distributions=distributions)
+            out.append({name: _python(value) for name, value in trial.params.items()})
+            study.tell(trial, float(i))
+        return out
+    finally:
+        optuna.logging.set_verbosity(previous)
