@@ -1,0 +1,93 @@
+"""Training throughput of DR-CapsNet: forward + backward + SGD step, images/s, and seconds per 60,000-image epoch.
+
+Runs every variant side by side in one process on the same random batch, and prints ratios against the paper
+preset with dynamic routing (3 iterations, votes detached in the inner iterations). CPU always; CUDA too when
+present (bf16 autocast, as ``train`` uses). Needs only torch and this repo:
+
+    python benchmarks/train_throughput.py                 # paper preset, batch 128
+    python benchmarks/train_throughput.py --quick         # fewer steps (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from drcapsnet.config import ModelConfig, model_preset  # noqa: E402
+from drcapsnet.losses import capsnet_loss  # noqa: E402
+from drcapsnet.model import CapsNet, count_parameters  # noqa: E402
+
+VARIANTS: list[tuple[str, ModelConfig]] = [
+    ("paper, dynamic x3 (baseline)", model_preset("paper")),
+    ("paper, dynamic x3, no detach", model_preset("paper", detach_routing=False)),
+    ("paper, dynamic x1", model_preset("paper", routing_iterations=1)),
+    ("paper, dynamic x5", model_preset("paper", routing_iterations=5)),
+    ("paper, attention x3", model_preset("paper", routing="attention")),
+    ("small, dynamic x3", model_preset("small")),
+]
+
+
+def measure(cfg: ModelConfig, device: torch.device, batch: int, steps: int, warmup: int) -> float:
+    """Images per second of full training steps (forward, margin + reconstruction loss, backward, SGD step)."""
+    torch.manual_seed(0)
+    model = CapsNet(cfg).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    def step() -> None:
+        with autocast:
+            out = model(x, y)
+        loss = capsnet_loss(out.lengths.float(), out.reconstruction, x, y, cfg.reconstruction_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="few steps; a smoke run, not a measurement")
+    parser.add_argument("--cpu-variants", default="all", help="'all' or 'baseline': the paper model is slow on CPU")
+    args = parser.parse_args()
+
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, "
+          f"{torch.get_num_threads()} CPU threads, batch {args.batch_size}")
+    print(f"paper preset: {count_parameters(CapsNet(model_preset('paper'))):,} parameters")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+        steps, warmup = (2, 1) if args.quick else ((3, 1) if device.type == "cpu" else (50, 10))
+        variants = VARIANTS if device.type == "cuda" or args.cpu_variants == "all" else VARIANTS[:1]
+        print(f"\n{device.type}: {name}")
+        print(f"  {'variant':32s} {'img/s':>9s} {'s/60k epoch':>12s} {'vs baseline':>12s}")
+        base = None
+        for label, cfg in variants:
+            ips = measure(cfg, device, args.batch_size, steps, warmup)
+            base = base or ips
+            print(f"  {label:32s} {ips:9.0f} {60000 / ips:12.1f} {ips / base:11.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""``drcaps``: a thin command line over the library. Each command parses, calls library functions, and returns an
+exit code: 0 done, 2 the user's mistake (one ``error: ...`` line naming the bad value and the fix, before any work
+starts), anything unexpected propagates with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from search import commands
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is ONE line (``error: ...``) and exit code 2, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the original single-run script, plus dataset/routing/optimizer/preset."""
+    p.add_argument("--config", type=Path, help="an experiment YAML (e.g. one written by export-best) to start from")
+    p.add_argument("--preset", help="model preset: paper | small | tiny (default: paper, or the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any field by its dotted name, e.g. --set train.lr=3.0e-4 (repeatable)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--batch-size", type=int, help="data.batch_size")
+    p.add_argument("--lr", type=float, help="train.lr")
+    p.add_argument("--momentum", type=float, help="train.momentum (SGD)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], help="train.optimizer")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.add_argument("--no-cuda", action="store_true", help="never use CUDA, even when available (train.device=cpu)")
+    p.add_argument("--log-interval", type=int, help="train.log_interval: batches between progress updates")
+    p.add_argument("--eval-interval", type=int, help="train.eval_interval: epochs between validation passes")
+    p.add_argument("--units", type=int, help="model.units: the digit-capsule dimension")
+    p.add_argument("--num-iterations", type=int, help="model.routing_iterations")
+    p.add_argument("--routing", choices=["dynamic", "attention"], help="model.routing")
+    p.add_argument("--dataset", help="data.dataset: digits | mnist | fashion-mnist | kmnist | cifar10 | idx")
+    p.add_argument("--data-dir", help="data.data_dir: torchvision root, or a folder of IDX files with --dataset idx")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="drcaps", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one DR-CapsNet")
+    _add_run_flags(p)
+    p.add_argument("--save-model", type=Path, metavar="PATH",
+                   help="write the final checkpoint here (last.pt/best.pt go to --checkpoint-dir)")
+    p.add_argument("--load-model", type=Path, metavar="PATH", help="resume from this checkpoint (file or folder)")
+    p.add_argument("--checkpoint-dir", type=Path, help="write last.pt every epoch and best.pt on improvement")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("evaluate", help="evaluate a registered model or a checkpoint on a dataset")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-uri", help="an MLflow model URI, e.g. models:/quickstart-capsnet@best")
+    src.add_argument("--checkpoint", type=Path, help="a checkpoint written by drcaps train or a search trial")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in this folder)")
+    p.add_argument("--dataset", help="dataset to evaluate on (default: the checkpoint's, else digits)")
+    p.add_argument("--data-dir", help="data.data_dir")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-cuda", action="store_true")
+
+    p = sub.add_parser("validate", help="check an experiment file without running it")
+    p.add_argument("experiment", type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--show-samples", type=int, default=0, metavar="N", help="print the sampler's first N proposals")
+
+    p = sub.add_parser("search", help="run a hyperparameter search (Ray Tune + Optuna + MLflow)")
+    p.add_argument("experiment", type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", help="Ray cluster to join: auto | ray://host:10001 (default: start Ray here)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the experiment's, else sqlite:///mlflow.db)")
+    p.add_argument("--storage-path", type=Path, help="Ray Tune results folder (default: ./drcaps-runs)")
+    p.add_argument("--out", type=Path, help="where to export the best config (default: <experiment>.best.yaml here)")
+    p.add_argument("--resume", action="store_true", help="resume the interrupted search of this experiment")
+    p.add_argument("--smoke-test", action="store_true", help="2 trials x 1 epoch on at most 256 images")
+
+    p = sub.add_parser("export-best", help="write the best trial's config (+ metrics, run id, model URI)")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name (the experiment file's name)")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=["yaml", "json"], help="default: from --out's suffix, else yaml")
+    p.add_argument("--csv", type=Path, help="also write every trial of the search as a CSV (pandas)")
+
+    p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the local store")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The typed flags as ``--set`` overrides, so every value goes through one validation path."""
+    pairs: list[tuple[str, Any]] = [
+        ("model.preset", args.preset), ("train.epochs", args.epochs), ("data.batch_size", args.batch_size),
+        ("train.lr", args.lr), ("train.momentum", args.momentum), ("train.optimizer", args.optimizer),
+        ("train.seed", args.seed), ("train.log_interval", args.log_interval),
+        ("train.eval_interval", args.eval_interval), ("model.units", args.units),
+        ("model.routing_iterations", args.num_iterations), ("model.routing", args.routing),
+        ("data.dataset", args.dataset), ("data.data_dir", args.data_dir),
+    ]
+    out = [f"{key}={value}" for key, value in pairs if value is not None]
+    if args.no_cuda:
+        out.append("train.device=cpu")
+    return out + list(args.set)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"train": commands.train_command, "evaluate": commands.evaluate_command,
+               "validate": commands.validate_command, "search": commands.search_command,
+               "export-best": commands.export_best_command, "ui": commands.ui_command}[args.command]
+    try:
+        return handler(args, run_overrides(args) if args.command == "train" else list(getattr(args, "set", [])))
+    except commands.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

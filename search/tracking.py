@@ -1,0 +1,445 @@
+"""The one module that imports MLflow: search/trial runs, per-epoch metrics, the best run, the registered model.
+
+We own the run lifecycle (Ray's ``MLflowLoggerCallback`` duplicates runs on restore and ``setup_mlflow`` leaves them
+RUNNING): every call takes an explicit tracking URI and run id and goes through an ``MlflowClient``, never MLflow's
+process-global active run, so several trials can log from one process or many, against one SQLite file or a server.
+Layout: one parent run per search (tag ``drcaps.role=search``), one child run per Ray trial (``drcaps.role=trial``,
+``drcaps.trial_id``, ``mlflow.parentRunId``). Checked against mlflow 3.17.2; MLflow is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import re
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+MAX_PARAM_VALUE = 6000    # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (3.17.2)
+MAX_TAG_VALUE = 8000      # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
+_BATCH = 100              # MAX_PARAMS_TAGS_PER_BATCH; metrics allow 1000
+_OUTCOMES = {"FINISHED": "finished", "KILLED": "stopped_early", "FAILED": "failed"}
+_HINT = "start the server (mlflow server --host 127.0.0.1 --port 5000) or pass --tracking-uri sqlite:///mlflow.db"
+T = TypeVar("T")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used or does not hold what was asked for; the message says which and why."""
+
+
+# ---------------------------------------------------------------- URIs and experiments
+
+def resolve_tracking_uri(uri: str | None, workdir: Path | None = None) -> str:
+    """None -> ``sqlite:///<abs workdir or cwd>/mlflow.db``; a relative SQLite path (or bare ``*.db`` path) becomes
+    absolute, since Ray trials run in another working directory; any other URI (http, databricks, ...) is kept."""
+    base = (workdir or Path.cwd()).resolve()
+    if uri is None:
+        return f"sqlite:///{base / DEFAULT_DB}"
+    if uri.startswith("sqlite:///"):
+        path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return f"sqlite:///{(base / path).resolve()}{sep}{query}"
+    elif "://" not in uri and ":" not in uri.split("/")[0] and uri.endswith((".db", ".sqlite")):
+        return f"sqlite:///{(base / uri).resolve()}"
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any work: an http(s) server must answer ``/health``; a SQLite file must be absolute and
+    its folder creatable; MLflow's file store (refused by default in 3.x) is rejected with the fix."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:   # noqa: S310 (http(s) only, checked above)
+                resp.read(64)
+        except urllib.error.HTTPError as e:
+            raise TrackingError(f"tracking.uri: {uri} answered GET /health with HTTP {e.code}; is it an MLflow "
+                                f"tracking server? {_HINT}") from e
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise TrackingError(f"tracking.uri: cannot reach {uri}: {reason}; {_HINT}") from e
+    elif (path := _sqlite_path(uri)) is not None:
+        if str(path) in ("", ":memory:") or not path.is_absolute():
+            raise TrackingError(f"tracking.uri: {uri} must name an absolute SQLite file that trial processes "
+                                "can share (use resolve_tracking_uri)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"tracking.uri: cannot create the folder of {uri}: {e}") from e
+    elif uri.startswith("file:") or "://" not in uri and uri not in ("databricks", "databricks-uc"):
+        raise TrackingError(f"tracking.uri: {uri} is an MLflow file store, which MLflow 3.x refuses by default; "
+                            f"use sqlite:///<abs path>/{DEFAULT_DB} or an http(s) server")
+
+
+@functools.lru_cache(maxsize=16)
+def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
+    """SQLite lets one writer at a time; concurrent trials can still get "database is locked" past MLflow's
+    busy_timeout (a read transaction upgrading to a write is refused at once), so back off and try again."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:
+            if i == attempts - 1 or "database is locked" not in str(e).lower():
+                raise
+            time.sleep(min(5.0, 0.05 * 2**i) * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _experiment_id(uri: str, name: str) -> str:
+    exp = _client(uri).get_experiment_by_name(name)
+    if exp is None:
+        raise TrackingError(f"tracking.experiment: no MLflow experiment named {name!r} at {uri}")
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(f"tracking.experiment: {name!r} at {uri} is deleted; restore it "
+                            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or choose another name")
+    return exp.experiment_id
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Id of experiment ``name``, created if missing; for SQLite its artifacts go to
+    ``<db folder>/mlartifacts/<name>`` (absolute), for a server to the server's default artifact root."""
+    from mlflow.exceptions import MlflowException
+
+    if _client(uri).get_experiment_by_name(name) is None:
+        db = _sqlite_path(uri)
+        location = None if db is None else (db.parent / DEFAULT_ARTIFACTS / re.sub(r"[^\w.-]+", "_", name)).as_uri()
+        try:
+            _retry(lambda: _client(uri).create_experiment(name, artifact_location=location))
+        except MlflowException as e:
+            if "already exists" not in str(e).lower():                # another process created it meanwhile
+                raise
+    return _experiment_id(uri, name)
+
+
+# ---------------------------------------------------------------- runs
+
+def _truncate(text: str, limit: int) -> str:
+    marker = f"...[truncated {len(text)} chars]"
+    return text if len(text) <= limit else text[: limit - len(marker)] + marker
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, Mapping | list | tuple):
+        text = json.dumps(value, sort_keys=True, default=str)
+    else:
+        text = str(value)
+    return _truncate(text, MAX_PARAM_VALUE)
+
+
+def _log_params_and_tags(uri: str, run_id: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+    from mlflow.entities import Param, RunTag
+
+    ps = [Param(k, _param_value(v)) for k, v in params.items()]
+    ts = [RunTag(k, _truncate(str(v), MAX_TAG_VALUE)) for k, v in tags.items()]
+    for i in range(0, max(len(ps), len(ts)), _BATCH):
+        chunk_p, chunk_t = ps[i: i + _BATCH], ts[i: i + _BATCH]
+        _retry(lambda p=chunk_p, t=chunk_t: _client(uri).log_batch(run_id, params=p, tags=t))
+
+
+def start_search_run(uri: str, experiment: str, *, run_name: str, params: Mapping[str, Any],
+                     tags: Mapping[str, str], artifacts: Mapping[str, str | bytes] = {}) -> str:  # noqa: B006
+    """Create the parent run of one search (left RUNNING) with its params, tags and text artifacts
+    (``{"experiment.yaml": text, ...}``, names may contain folders); return its run id."""
+    exp_id = ensure_experiment(uri, experiment)
+    run = _retry(lambda: _client(uri).create_run(exp_id, run_name=run_name, tags={"drcaps.role": "search"}))
+    run_id = run.info.run_id
+    _log_params_and_tags(uri, run_id, params, tags)
+    if artifacts:
+        with tempfile.TemporaryDirectory(prefix="drcaps-artifacts-") as tmp:
+            for name, content in artifacts.items():
+                path = Path(tmp, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content if isinstance(content, bytes) else content.encode())
+            _client(uri).log_artifacts(run_id, tmp)
+    return run_id
+
+
+def _quoted(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise ValueError(f"run and trial ids must not contain quotes or backslashes, got {value!r}")
+    return f"'{value}'"
+
+
+def find_or_create_trial_run(uri: str, experiment: str, *, parent_run_id: str, trial_id: str, run_name: str,
+                             params: Mapping[str, Any]) -> str:
+    """The child run of ``trial_id`` under ``parent_run_id``: created once; when Ray restarts the trial the same run
+    is found again by its tags and set back to RUNNING. Params already logged keep their first value."""
+    exp_id = ensure_experiment(uri, experiment)
+    client = _client(uri)
+    found = client.search_runs([exp_id], max_results=1, filter_string=(
+        f"tags.mlflow.parentRunId = {_quoted(parent_run_id)} and tags.`drcaps.trial_id` = {_quoted(trial_id)}"))
+    if found:
+        run, old = found[0], found[0].data.tags
+        _retry(lambda: client.update_run(run.info.run_id, status="RUNNING"))
+        tags = {"drcaps.restarts": str(int(old.get("drcaps.restarts", "0")) + 1)}
+        if "drcaps.failure_reason" in old:        # the last attempt's end(); keep it, but not as this run's outcome
+            tags["drcaps.restart_reason"] = old["drcaps.failure_reason"]
+        for key in ("drcaps.outcome", "drcaps.failure_reason"):
+            if key in old:
+                _retry(lambda k=key: client.delete_tag(run.info.run_id, k))
+        new_params = {k: v for k, v in params.items() if k not in run.data.params}
+        _log_params_and_tags(uri, run.info.run_id, new_params, tags)
+        return run.info.run_id
+    tags = {"mlflow.parentRunId": parent_run_id, "drcaps.trial_id": trial_id, "drcaps.role": "trial"}
+    run = _retry(lambda: client.create_run(exp_id, run_name=run_name, tags=tags))
+    _log_params_and_tags(uri, run.info.run_id, params, {})
+    return run.info.run_id
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Set a run back to RUNNING (a resumed search reuses its parent run)."""
+    _retry(lambda: _client(uri).update_run(run_id, status="RUNNING"))
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", tags: Mapping[str, str] = {}) -> None:  # noqa: B006
+    """Set ``tags`` then end the run with ``status`` (FINISHED, KILLED or FAILED)."""
+    if status not in _OUTCOMES:
+        raise ValueError(f"status must be one of {sorted(_OUTCOMES)}, got {status!r}")
+    if tags:
+        _log_params_and_tags(uri, run_id, {}, tags)
+    _retry(lambda: _client(uri).set_terminated(run_id, status=status))
+
+
+class TrialLogger:
+    """Everything one trial writes to MLflow, bound to one run id (no global MLflow state)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    def log_epoch(self, metrics: Mapping[str, float], step: int) -> None:
+        """One ``log_batch`` per epoch with ``step=epoch``; non-numeric and non-finite values are skipped."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            if isinstance(value, bool | str | bytes):
+                continue
+            try:
+                number = float(value)   # int, float, numpy scalar, 0-d tensor
+            except (TypeError, ValueError, RuntimeError):
+                continue
+            if math.isfinite(number):
+                batch.append(Metric(key, number, now, int(step)))
+        for i in range(0, len(batch), 1000):
+            _retry(lambda chunk=batch[i: i + 1000]: _client(self.uri).log_batch(self.run_id, metrics=chunk))
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        _retry(lambda: _client(self.uri).log_artifact(self.run_id, str(local_path), artifact_path))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        _log_params_and_tags(self.uri, self.run_id, {}, tags)
+
+    def end(self, status: Literal["FINISHED", "KILLED", "FAILED"], reason: str | None = None,
+            outcome: str | None = None) -> None:
+        """End the run; tag ``drcaps.outcome`` (finished | stopped_early | failed, unless given) and the reason."""
+        tags = {"drcaps.outcome": outcome or _OUTCOMES.get(status, "failed")}
+        if reason:
+            tags["drcaps.failure_reason"] = reason
+        end_run(self.uri, self.run_id, status, tags)
+
+
+# ---------------------------------------------------------------- models
+
+def log_and_register_model(uri: str, run_id: str, model: torch.nn.Module, input_example: torch.Tensor, *,
+                           registered_name: str, alias: str = "best") -> str:
+    """Log ``model`` to run ``run_id`` as a pickled ``nn.Module`` (cloudpickle; its class must be importable where
+    it is loaded, e.g. ``drcapsnet``), register it as a new version of ``registered_name``, point ``alias`` at it.
+
+    ``model(x)`` must return ONE tensor, e.g. ``CapsNetClassifier``: ``x (B, C, H, W) -> lengths (B, K)``; wrap
+    a model whose forward returns a tuple or dict. ``input_example``: a few real-shaped samples (stored in the
+    model, and the signature is inferred from it). Returns ``models:/<name>@<alias>``.
+    """
+    import copy
+
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+
+    model = copy.deepcopy(model).cpu().eval()          # don't move or mutate the caller's model
+    x = input_example.detach().cpu()
+    with torch.no_grad():
+        y = model(x)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"log_and_register_model: model(x) must return one tensor (e.g. class-capsule lengths "
+                        f"(B, num_classes)), got {type(y).__name__}; wrap the model")
+    client = _client(uri)
+    run = client.get_run(run_id)
+    # Pre-create the LoggedModel: left to log_model it would land in the global/default experiment, not the run's.
+    logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id)
+    # log_model, and the SQL registry store when it resolves a "models:/<id>" source, read only the process-global
+    # tracking URI (else ./mlflow.db in the cwd): set it for this block, then restore it. Not thread-safe.
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = mlflow.pytorch.log_model(
+            model, name="model", run_id=run_id, model_id=logged.model_id,
+            serialization_format="pickle",             # the 3.x default is "pt2" (torch.export graph module)
+            signature=infer_signature(x.numpy(), y.numpy()), input_example=x.numpy(),
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements())   # skips a slow inference subprocess
+        try:
+            client.create_registered_model(registered_name)
+        except MlflowException as e:
+            if "already exists" not in str(e).lower():
+                raise
+        version = client.create_model_version(registered_name, source=info.model_uri, run_id=run_id,
+                                              model_id=info.model_id)
+    finally:
+        mlflow.set_tracking_uri(previous)              # None unsets it (and MLFLOW_TRACKING_URI) again
+    client.set_registered_model_alias(registered_name, alias, version.version)
+    return f"models:/{registered_name}@{alias}"
+
+
+def load_model(uri: str, model_uri: str) -> torch.nn.Module:
+    """Load a logged PyTorch model onto the CPU from ``models:/<name>@<alias>``, ``models:/<name>/<version>``,
+    ``runs:/...`` or a local path. Registry URIs are resolved with this ``uri`` explicitly: mlflow 3.17.2's
+    ``models:/`` download path reads the process-global registry URI even when given one."""
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    source = model_uri
+    try:
+        if m := re.fullmatch(r"models:/([^/@]+)@([^/]+)", model_uri):
+            version = client.get_model_version_by_alias(m[1], m[2]).version
+            source = client.get_model_version_download_uri(m[1], version)
+        elif m := re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri):
+            source = client.get_model_version_download_uri(m[1], m[2])
+    except MlflowException as e:
+        raise TrackingError(f"--model-uri: {model_uri} is not in the registry at {uri} ({e.message}); "
+                            "list models in 'drcaps ui', or pass the --tracking-uri the search used") from None
+    with tempfile.TemporaryDirectory(prefix="drcaps-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+        return mlflow.pytorch.load_model(local, map_location="cpu")
+
+
+def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
+    """Copy a run's artifact (file or folder) into ``dst``; returns the local path."""
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
+                                                tracking_uri=uri)
+    return Path(local)
+
+
+def read_text_artifact(uri: str, run_id: str, artifact_path: str) -> str:
+    """The text of one small artifact of a run (e.g. the search's ``resolved_experiment.json``)."""
+    with tempfile.TemporaryDirectory(prefix="drcaps-artifact-") as tmp:
+        return download_artifacts(uri, run_id, artifact_path, Path(tmp)).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------- queries
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    params: dict[str, str]
+    metrics: dict[str, float]      # the last logged value (highest step) of each metric
+    tags: dict[str, str]
+    status: str
+    artifact_uri: str
+
+
+def _record(run: Run) -> RunRecord:
+    return RunRecord(run.info.run_id, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags),
+                     run.info.status, run.info.artifact_uri)
+
+
+def _search_all(uri: str, exp_id: str, filter_string: str) -> list[Run]:
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = _client(uri).search_runs([exp_id], filter_string, max_results=1000,
+                                        order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def child_runs(uri: str, parent_run_id: str) -> list[RunRecord]:
+    """The trial runs of one search, oldest first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        exp_id = _client(uri).get_run(parent_run_id).info.experiment_id
+    except MlflowException as e:
+        raise TrackingError(f"no MLflow run {parent_run_id!r} at {uri}: {e.message}") from e
+    return [_record(r) for r in _search_all(uri, exp_id, f"tags.mlflow.parentRunId = {_quoted(parent_run_id)}")]
+
+
+def latest_search_run(uri: str, experiment: str) -> RunRecord | None:
+    exp_id = _experiment_id(uri, experiment)
+    runs = _client(uri).search_runs([exp_id], "tags.`drcaps.role` = 'search'", max_results=1,
+                                    order_by=["attributes.start_time DESC"])
+    return _record(runs[0]) if runs else None
+
+
+def best_trial_run(uri: str, experiment: str, metric: str, mode: str,
+                   parent_run_id: str | None = None) -> RunRecord:
+    """The trial run (of ``parent_run_id``, default: the latest search) with the best last value of ``metric``;
+    FAILED runs are left out (their last value comes from an interrupted training)."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    if parent_run_id is None:
+        parent = latest_search_run(uri, experiment)
+        if parent is None:
+            raise TrackingError(f"tracking.experiment: {experiment!r} at {uri} has no search run yet")
+        parent_run_id = parent.run_id
+    runs = child_runs(uri, parent_run_id)
+    scored = [r for r in runs if r.status != "FAILED" and math.isfinite(r.metrics.get(metric, math.nan))]
+    if not scored:
+        seen = sorted({k for r in runs for k in r.metrics})
+        raise TrackingError(f"search run {parent_run_id}: none of its {len(runs)} trial runs logged {metric!r} "
+                            f"without failing (metrics logged: {seen})")
+    sign = 1.0 if mode == "max" else -1.0
+    return max(scored, key=lambda r: sign * r.metrics[metric])
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` sorted by step (for trials: step = epoch)."""
+    history = _client(uri).get_metric_history(run_id, key)
+    return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+
+
+def trials_dataframe(uri: str, parent_run_id: str) -> pd.DataFrame:
+    """One row per trial: run_id, trial_id, status, outcome, ``params.*`` (strings) and ``metrics.*`` (last values)."""
+    import pandas as pd
+
+    rows = [{"run_id": r.run_id, "trial_id": r.tags.get("drcaps.trial_id"), "status": r.status,
+             "outcome": r.tags.get("drcaps.outcome")}
+            | {f"params.{k}": v for k, v in sorted(r.params.items())}
+            | {f"metrics.{k}": v for k, v in sorted(r.metrics.items())}
+            for r in child_runs(uri, parent_run_id)]
+    return pd.DataFrame(rows, columns=None if rows else ["run_id", "trial_id", "status", "outcome"])

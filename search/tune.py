@@ -1,0 +1,318 @@
+"""The one module that imports Ray: a search is a Ray Tune ``Tuner`` whose trials each run ``drcapsnet.train``.
+
+Optuna (through Ray's ``OptunaSearch``, seeded, persisted in an RDB storage) proposes the hyperparameters, a
+``ConcurrencyLimiter`` bounds the trials in flight, a Tune scheduler (ASHA by default) stops weak trials, and every
+trial records itself in MLflow through ``search.tracking`` (one child run per trial, found again by its trial id
+when Ray restarts it). Ray is imported inside functions, so ``import search.tune`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drcapsnet.checkpoint import BEST, LAST, load_model
+from drcapsnet.config import RunConfig
+from drcapsnet.model import CapsNetClassifier
+from drcapsnet.train import train
+from search import tracking
+from search.experiment import Experiment, experiment_to_dict
+from search.space import apply_params, make_sampler, to_distributions
+
+STATE_FILE = "drcaps-search.json"   # in the Ray experiment folder: what a resumed search needs to find again
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or reached (``--address``), or there is no search to resume."""
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs, pickled to the worker; every path and URI is absolute."""
+
+    experiment: Experiment
+    tracking_uri: str
+    mlflow_experiment: str
+    parent_run_id: str
+    cpus: float
+    gpus: float
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    trial_id: str
+    params: dict[str, Any]
+    metric: float                     # the trial's best value of the search metric over its epochs
+    epochs: int
+    outcome: str                      # finished | stopped_early | failed
+    metrics: dict[str, float] = field(default_factory=dict)   # the epoch where the metric was best
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """A finished search in plain Python: export and the CLI never see a Ray object."""
+
+    experiment: Experiment
+    best: TrialSummary
+    trials: list[TrialSummary]
+    best_config: RunConfig
+    tracking_uri: str
+    parent_run_id: str
+    best_run_id: str | None
+    model_uri: str | None
+    study_name: str
+    storage_url: str
+    experiment_path: str
+
+
+def _trial(params: dict[str, Any], ctx: TrialContext) -> None:
+    """One Ray trial: train with the proposed params, report each epoch to Tune and MLflow, checkpoint each epoch."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    run = apply_params(ctx.experiment, params)
+    device = run.train.device if ctx.gpus > 0 else "cpu"
+    run = dataclasses.replace(run, train=dataclasses.replace(
+        run.train, num_threads=max(1, int(ctx.cpus)), device=device))
+    run_id = tracking.find_or_create_trial_run(
+        ctx.tracking_uri, ctx.mlflow_experiment, parent_run_id=ctx.parent_run_id, trial_id=trial_id,
+        run_name=tune.get_context().get_trial_name(), params=run.flat())
+    logger = tracking.TrialLogger(ctx.tracking_uri, run_id)
+    work = Path(tempfile.mkdtemp(prefix=f"drcaps-{trial_id}-"))
+    resume = None
+    restored = tune.get_checkpoint()
+    if restored is not None:                                  # Ray restarted this trial: continue, don't start over
+        with restored.as_directory() as d:
+            shutil.copy2(Path(d) / LAST, work / LAST)
+        resume = work / LAST
+
+    def report(metrics: dict[str, float]) -> None:
+        logger.log_epoch(metrics, step=int(metrics["epoch"]))
+        with tempfile.TemporaryDirectory(prefix="drcaps-ckpt-") as d:   # only last.pt travels to Ray's storage
+            os.link(work / LAST, Path(d) / LAST)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    status, outcome, reason = "FAILED", "failed", None
+    try:
+        train(run.model, run.data, run.train, report, checkpoint_dir=work, resume=resume)
+        status, outcome = "FINISHED", "finished"
+    except SystemExit:                                        # the scheduler stopped this trial inside tune.report
+        status, outcome = "KILLED", "stopped_early"
+        raise
+    except BaseException as e:
+        reason = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        best = work / BEST if (work / BEST).exists() else work / LAST
+        if best.exists():
+            logger.log_artifact(best, "checkpoint")
+        logger.end(status, reason=reason, outcome=outcome)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def optuna_storage_url(exp: Experiment, tracking_uri: str) -> str:
+    """The experiment's ``search.storage``, else SQLite next to a local MLflow store, else ./optuna.db."""
+    if exp.search.storage:
+        return exp.search.storage
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    return f"sqlite:///{Path.cwd() / 'optuna.db'}"
+
+
+def _scheduler(exp: Experiment, max_t: int) -> Any:
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
+
+    sched = exp.search.scheduler
+    if sched.name == "asha":
+        return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=max_t,
+                                       grace_period=min(sched.grace_period, max_t),
+                                       reduction_factor=sched.reduction_factor)
+    if sched.name == "median":
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=sched.grace_period,
+                                  min_samples_required=3)
+    return FIFOScheduler()
+
+
+def make_searcher(exp: Experiment, study_name: str, storage_url: str | None) -> Any:
+    """Ray's ``OptunaSearch`` over the experiment's space: seeded sampler, enqueued known-good points, and the study
+    persisted in ``storage_url`` (an RDB URL; None keeps it in memory) so Optuna Dashboard can open it."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = exp.search
+    return OptunaSearch(space=to_distributions(s.space), metric=s.metric, mode=s.mode,
+                        sampler=make_sampler(s.sampler, s.seed), study_name=study_name,
+                        storage=optuna.storages.RDBStorage(storage_url) if storage_url else None,
+                        points_to_evaluate=[dict(p) for p in s.enqueue] or None)
+
+
+def _init_ray(address: str | None, verbose: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, log_to_driver=verbose > 0, include_dashboard=False if address is None else None,
+                 configure_logging=verbose > 0)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+        raise ClusterError(f"--address: cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {e}); "
+                           "start it (ray start --head) or leave --address out to run Ray here") from None
+
+
+def _smoke(exp: Experiment) -> Experiment:
+    """2 trials x 1 epoch on at most 256 training images: checks the wiring in a minute."""
+    run = exp.run
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, epochs=1),
+                              data=dataclasses.replace(run.data, limit_train=min(run.data.limit_train or 256, 256)))
+    search = dataclasses.replace(exp.search, num_samples=2, time_budget_s=None)
+    return dataclasses.replace(exp, run=run, search=search)
+
+
+def _summaries(results: Any, metric: str, mode: str, epochs: int) -> list[TrialSummary]:
+    sign = 1.0 if mode == "max" else -1.0
+    out = []
+    for r in results:
+        df = r.metrics_dataframe
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        if df is None or metric not in df or df[metric].dropna().empty:
+            out.append(TrialSummary(str(trial_id), dict(r.config), -sign * math.inf, 0, "failed",
+                                    error=str(r.error) if r.error else "no metrics reported"))
+            continue
+        best_row = df.loc[(df[metric] * sign).idxmax()]
+        row = {k: float(v) for k, v in best_row.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        ran = int(df["epoch"].max())
+        outcome = "failed" if r.error else ("finished" if ran >= epochs else "stopped_early")
+        out.append(TrialSummary(str(trial_id), dict(r.config), float(best_row[metric]), ran, outcome, row,
+                                error=str(r.error) if r.error else None))
+    return sorted(out, key=lambda t: -sign * t.metric)
+
+
+def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str | None = None,
+               storage_path: str | Path | None = None, resume: bool = False, smoke_test: bool = False,
+               verbose: int = 1) -> SearchResult:
+    """Run the experiment's search and return the ranked trials, the best config and its registered model."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    if smoke_test:
+        exp = _smoke(exp)
+    s = exp.search
+    uri = tracking.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
+    mlflow_experiment = exp.tracking.experiment or exp.name
+    storage = Path(storage_path or Path.cwd() / "drcaps-runs").resolve()
+    exp_dir = storage / exp.name
+    state_file = exp_dir / STATE_FILE
+
+    if resume and not state_file.exists():
+        raise ClusterError(f"--resume: no interrupted search of '{exp.name}' in {exp_dir}; "
+                           "run it without --resume, or pass the --storage-path it used")
+    _init_ray(address, verbose)               # before any MLflow run exists: a bad --address leaves nothing behind
+    if resume:
+        state = json.loads(state_file.read_text())
+        parent_run_id, study_name = state["parent_run_id"], state["study_name"]
+        tracking.reopen_run(uri, parent_run_id)
+    else:
+        study_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        resolved = experiment_to_dict(exp)
+        parent_run_id = tracking.start_search_run(
+            uri, mlflow_experiment, run_name=study_name, params=exp.run.flat() | {
+                "search.sampler": s.sampler, "search.scheduler": s.scheduler.name, "search.seed": s.seed,
+                "search.num_samples": s.num_samples, "search.metric": s.metric, "search.mode": s.mode},
+            tags={"drcaps.study_name": study_name, "drcaps.experiment_file": str(exp.path or ""),
+                  "git.commit": _git_commit(), "version.ray": ray.__version__, "version.optuna": optuna.__version__,
+                  "version.torch": torch.__version__, "version.python": platform.python_version()},
+            artifacts={"experiment.yaml": exp.path.read_text() if exp.path and exp.path.exists() else "",
+                       "resolved_experiment.json": json.dumps(resolved, indent=2, default=str),
+                       "search_space.json": json.dumps({k: dataclasses.asdict(v) for k, v in s.space.items()},
+                                                       indent=2, default=str)})
+    storage_url = optuna_storage_url(exp, uri)
+
+    ctx = TrialContext(exp, uri, mlflow_experiment, parent_run_id, s.resources.cpu, s.resources.gpu)
+    resources = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            searcher = make_searcher(exp, study_name, storage_url)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric=s.metric, mode=s.mode, num_samples=s.num_samples, time_budget_s=s.time_budget_s,
+                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+                    scheduler=_scheduler(exp, exp.run.train.epochs)),
+                run_config=tune.RunConfig(
+                    name=exp.name, storage_path=str(storage), verbose=verbose,
+                    failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints,
+                                                            checkpoint_score_attribute=s.metric,
+                                                            checkpoint_score_order=s.mode)))
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            state_file.write_text(json.dumps({"parent_run_id": parent_run_id, "study_name": study_name,
+                                              "storage_url": storage_url, "tracking_uri": uri}))
+        results = tuner.fit()
+    except BaseException:
+        tracking.end_run(uri, parent_run_id, "KILLED")
+        raise
+    return _finish(exp, results, uri, mlflow_experiment, parent_run_id, study_name, storage_url, str(exp_dir))
+
+
+def _finish(exp: Experiment, results: Any, uri: str, mlflow_experiment: str, parent_run_id: str,
+            study_name: str, storage_url: str, experiment_path: str) -> SearchResult:
+    """Rank the trials, close any MLflow run Ray left open, register the best model, tag the parent run."""
+    s = exp.search
+    trials = _summaries(results, s.metric, s.mode, exp.run.train.epochs)
+    runs = {r.tags.get("drcaps.trial_id"): r for r in tracking.child_runs(uri, parent_run_id)}
+    for t in trials:                                          # a trial killed hard never reached its `finally`
+        r = runs.get(t.trial_id)
+        if r is not None and r.status == "RUNNING":
+            status = {"finished": "FINISHED", "stopped_early": "KILLED"}.get(t.outcome, "FAILED")
+            tracking.end_run(uri, r.run_id, status, {"drcaps.outcome": t.outcome})
+    scored = [t for t in trials if t.outcome != "failed" and math.isfinite(t.metric)]
+    if not scored:
+        tracking.end_run(uri, parent_run_id, "FAILED", {"drcaps.failure_reason": "no trial reported a metric"})
+        errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials[:3])
+        raise RuntimeError(f"every trial failed ({errors})")
+    best = scored[0]
+    best_config = apply_params(exp, best.params)
+    best_run = runs.get(best.trial_id)
+    model_uri = None
+    checkpoint = next(r for r in results if str((r.metrics or {}).get("trial_id")) == best.trial_id
+                      ).get_best_checkpoint(s.metric, s.mode)
+    if checkpoint is not None and best_run is not None:
+        with checkpoint.as_directory() as d:
+            capsnet, _, _ = load_model(Path(d) / LAST)
+        example = torch.rand(2, capsnet.cfg.in_channels, capsnet.cfg.image_size, capsnet.cfg.image_size)
+        registered = exp.tracking.registered_model or f"{mlflow_experiment}-capsnet"
+        model_uri = tracking.log_and_register_model(uri, best_run.run_id, CapsNetClassifier(capsnet).eval(),
+                                                    example, registered_name=registered)
+    tracking.end_run(uri, parent_run_id, "FINISHED", {
+        "drcaps.best_trial_id": best.trial_id, "drcaps.best_run_id": best_run.run_id if best_run else "",
+        f"drcaps.best_{s.metric}": f"{best.metric:.6f}", "drcaps.model_uri": model_uri or ""})
+    return SearchResult(exp, best, trials, best_config, uri, parent_run_id, best_run.run_id if best_run else None,
+                        model_uri, study_name, storage_url, experiment_path)

@@ -1,0 +1,133 @@
+"""The search end to end: real local Ray, real Optuna (SQLite storage), real MLflow (SQLite store).
+
+One module-scoped search of 4 trials x 2 epochs of a tiny DR-CapsNet on the bundled digits; each test then checks
+one thing a user relies on. Marked slow: Ray's start and 4 trainings take a minute or two on 2 cores.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from drcapsnet.checkpoint import load_model
+from drcapsnet.data import load_datasets
+from drcapsnet.train import evaluate
+from search import tracking
+from search.commands import export_from_tracking
+from search.experiment import experiment_from_dict, load_experiment
+from search.space import apply_params
+from search.tune import SearchResult, make_searcher, run_search
+
+SPACE = {
+    "model.routing_iterations": {"type": "int", "low": 1, "high": 3},
+    "model.units": {"type": "categorical", "choices": [4, 8]},
+    "train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True},
+    "train.momentum": {"type": "float", "low": 0.5, "high": 0.95},
+}
+
+
+def _experiment(tmp: Path, **search: object) -> object:
+    raw = {
+        "name": "e2e",
+        "model": {"preset": "tiny"},
+        "data": {"dataset": "digits", "batch_size": 32, "limit_train": 400, "shift_pixels": 0},
+        "train": {"epochs": 2, "device": "cpu", "optimizer": "adam"},
+        "search": {"num_samples": 4, "max_concurrent": 2, "seed": 7, "resources": {"cpu": 1},
+                   "scheduler": {"name": "asha", "grace_period": 1}, "space": SPACE, **search},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "e2e"},
+    }
+    return experiment_from_dict(raw, base_dir=tmp)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path]:
+    import ray
+
+    tmp = tmp_path_factory.mktemp("search")
+    exp = _experiment(tmp)
+    try:
+        result = run_search(exp, storage_path=tmp / "ray", verbose=0)
+    finally:
+        ray.shutdown()
+    return result, tmp
+
+
+@pytest.mark.slow
+def test_mlflow_holds_one_parent_and_one_child_per_trial(searched):
+    result, _ = searched
+    uri = result.tracking_uri
+    parent = tracking.latest_search_run(uri, "e2e")
+    assert parent is not None and parent.run_id == result.parent_run_id and parent.status == "FINISHED"
+    children = tracking.child_runs(uri, result.parent_run_id)
+    assert len(children) == len(result.trials) == 4
+    assert {c.tags["drcaps.trial_id"] for c in children} == {t.trial_id for t in result.trials}
+    for child in children:
+        assert set(SPACE) <= set(child.params)                       # dotted names, as in the YAML
+        assert child.status in ("FINISHED", "KILLED")
+        assert child.tags["drcaps.outcome"] in ("finished", "stopped_early")
+        steps = [step for step, _ in tracking.metric_history(uri, child.run_id, "val_acc")]
+        assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 2   # the epoch is the step
+    assert parent.tags["drcaps.best_trial_id"] == result.best.trial_id
+
+
+@pytest.mark.slow
+def test_optuna_study_holds_the_same_trials(searched):
+    result, _ = searched
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
+    assert len(study.trials) == 4
+    proposed = sorted(tuple(sorted(t.params.items())) for t in study.trials)
+    ran = sorted(tuple(sorted(t.params.items())) for t in result.trials)
+    assert proposed == ran
+
+
+@pytest.mark.slow
+def test_best_checkpoint_reproduces_reported_validation_accuracy(searched, tmp_path):
+    result, _ = searched
+    best_run = next(c for c in tracking.child_runs(result.tracking_uri, result.parent_run_id)
+                    if c.run_id == result.best_run_id)
+    folder = tracking.download_artifacts(result.tracking_uri, best_run.run_id, "checkpoint", tmp_path)
+    model, run, state = load_model(next(Path(folder).glob("*.pt")))
+    assert run == result.best_config
+    data = load_datasets(run.data)
+    _, val_acc = evaluate(model, data.val, 64, device=torch.device("cpu"))
+    assert math.isclose(val_acc, result.best.metric, abs_tol=1e-9)
+    assert math.isclose(state["best_val_acc"], result.best.metric, abs_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_registered_model_loads_and_predicts(searched):
+    result, _ = searched
+    assert result.model_uri == "models:/e2e-capsnet@best"
+    model = tracking.load_model(result.tracking_uri, result.model_uri)
+    x = load_datasets(result.best_config.data).val.images[:16].float() / 255
+    lengths = model(x)
+    assert lengths.shape == (16, 10) and torch.isfinite(lengths).all()
+
+
+@pytest.mark.slow
+def test_export_best_round_trips_through_load_experiment(searched, tmp_path):
+    result, _ = searched
+    path, _ = export_from_tracking(result.tracking_uri, "e2e", tmp_path / "best.yaml", csv=tmp_path / "trials.csv")
+    exported = load_experiment(path)
+    best_run = tracking.best_trial_run(result.tracking_uri, "e2e", "val_acc", "max", result.parent_run_id)
+    assert best_run.run_id == result.best_run_id
+    assert exported.run == result.best_config == apply_params(result.experiment, result.best.params)
+    for name in SPACE:                                  # the file's values are the best run's params
+        assert str(exported.run.flat()[name]) == best_run.params[name]
+    assert exported.result["mlflow_run_id"] == result.best_run_id
+    assert exported.result["model_uri"] == result.model_uri
+    assert len((tmp_path / "trials.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+def test_same_seed_proposes_the_same_first_configurations(tmp_path):
+    """Two searchers built as run_search builds them, with the same seed, propose the same points."""
+    def first(seed: int, n: int = 3) -> list[dict]:
+        searcher = make_searcher(_experiment(tmp_path, seed=seed), f"s{seed}", None)
+        return [searcher.suggest(f"trial_{i}") for i in range(n)]
+
+    assert first(7) == first(7)
+    assert first(7) != first(8)
