@@ -99,27 +99,35 @@ def _trial(params: dict[str, Any], ctx: TrialContext) -> None:
             shutil.copy2(Path(d) / LAST, work / LAST)
         resume = work / LAST
 
+    ended = False
+
     def report(metrics: dict[str, float]) -> None:
+        # Ray may stop this trial inside tune.report (ASHA stops every trial at max_t, the last epoch), tearing the
+        # worker down at once: everything MLflow needs is written BEFORE Ray gets control back.
+        nonlocal ended
         logger.log_epoch(metrics, step=int(metrics["epoch"]))
+        if metrics.get("best_epoch") == metrics["epoch"]:
+            logger.log_artifact(work / BEST, "checkpoint")
+        if metrics["epoch"] >= run.train.epochs:
+            logger.end("FINISHED")
+            ended = True
         with tempfile.TemporaryDirectory(prefix="drcaps-ckpt-") as d:   # only last.pt travels to Ray's storage
             os.link(work / LAST, Path(d) / LAST)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    status, outcome, reason = "FAILED", "failed", None
     try:
         train(run.model, run.data, run.train, report, checkpoint_dir=work, resume=resume)
-        status, outcome = "FINISHED", "finished"
     except SystemExit:                                        # the scheduler stopped this trial inside tune.report
-        status, outcome = "KILLED", "stopped_early"
+        if not ended:
+            logger.end("KILLED")
+        ended = True
         raise
     except BaseException as e:
-        reason = f"{type(e).__name__}: {e}"
+        if not ended:
+            logger.end("FAILED", reason=f"{type(e).__name__}: {e}")
+        ended = True
         raise
     finally:
-        best = work / BEST if (work / BEST).exists() else work / LAST
-        if best.exists():
-            logger.log_artifact(best, "checkpoint")
-        logger.end(status, reason=reason, outcome=outcome)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -6,6 +6,7 @@ one thing a user relies on. Marked slow: Ray's start and 4 trainings take a minu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def test_best_checkpoint_reproduces_reported_validation_accuracy(searched, tmp_p
                     if c.run_id == result.best_run_id)
     folder = tracking.download_artifacts(result.tracking_uri, best_run.run_id, "checkpoint", tmp_path)
     model, run, state = load_model(next(Path(folder).glob("*.pt")))
-    assert run == result.best_config
+    assert run.model == result.best_config.model and run.data == result.best_config.data
+    assert run.train == dataclasses.replace(result.best_config.train, num_threads=1)   # the trial's 1 CPU
     data = load_datasets(run.data)
     _, val_acc = evaluate(model, data.val, 64, device=torch.device("cpu"))
     assert math.isclose(val_acc, result.best.metric, abs_tol=1e-9)
