@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
+import os
 import random
 import re
 import tempfile
@@ -37,6 +39,9 @@ _BATCH = 100              # MAX_PARAMS_TAGS_PER_BATCH; metrics allow 1000
 _OUTCOMES = {"FINISHED": "finished", "KILLED": "stopped_early", "FAILED": "failed"}
 _HINT = "start the server (mlflow server --host 127.0.0.1 --port 5000) or pass --tracking-uri sqlite:///mlflow.db"
 T = TypeVar("T")
+
+# Artifact downloads here are a few small files: MLflow's per-download progress bars are noise on the terminal.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class TrackingError(RuntimeError):
@@ -302,6 +307,8 @@ def log_and_register_model(uri: str, run_id: str, model: torch.nn.Module, input_
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
     try:
+        # We pickle on purpose (see above); MLflow warns about it on every call, which a user can do nothing about.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         info = mlflow.pytorch.log_model(
             model, name="model", run_id=run_id, model_id=logged.model_id,
             serialization_format="pickle",             # the 3.x default is "pt2" (torch.export graph module)

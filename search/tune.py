@@ -182,7 +182,9 @@ def _init_ray(address: str | None, verbose: int) -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address, log_to_driver=verbose > 0, include_dashboard=False if address is None else None,
+        # Trials print nothing worth reading (metrics reach Tune's table and MLflow); their logs stay in Ray's
+        # session folder instead of repeating "Checkpoint successfully created" on the terminal.
+        ray.init(address=address, log_to_driver=False, include_dashboard=False if address is None else None,
                  configure_logging=verbose > 0)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         raise ClusterError(f"--address: cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {e}); "
