@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args, run_overrides(args) if args.command == "train" else list(getattr(args, "set", [])))
     except commands.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        header, *issues = str(e).split("\n")          # a ConfigError: "source:" then one "  key: problem" per line
+        print(f"error: {header} {issues[0].strip()}" if len(issues) == 1 else f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

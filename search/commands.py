@@ -65,13 +65,26 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from drcapsnet.checkpoint import LAST, load_checkpoint
     from drcapsnet.data import load_datasets
     from drcapsnet.train import check_compatible, resolve_device, train
-    from search.experiment import load_run_config
+    from search.experiment import load_run_config, run_config_from_dict
 
     with user_errors():
-        run = _fit_model_to_dataset(load_run_config(args.config, overrides))
+        state = load_checkpoint(args.load_model) if args.load_model is not None else None
+        if state is not None and args.config is None:     # resume: the checkpoint's config, then the flags
+            run = run_config_from_dict(state["config"], source=str(args.load_model), overrides=overrides)
+        else:
+            run = load_run_config(args.config, overrides)
+        run = _fit_model_to_dataset(run)
         resolve_device(run.train.device)
-        if args.load_model is not None:
-            load_checkpoint(args.load_model)
+        if state is not None:
+            saved = RunConfig.from_dict(state["config"]).model
+            changed = [f"model.{f.name}={getattr(run.model, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+                       for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(run.model, f.name)]
+            if changed:
+                raise UserError(f"--load-model: {args.load_model} holds another model: {', '.join(changed)}; "
+                                "drop the flags that change the model, or train a new one without --load-model")
+            if state["epoch"] >= run.train.epochs:
+                raise UserError(f"--epochs: {args.load_model} already holds {state['epoch']} epochs; "
+                                f"pass --epochs N with N > {state['epoch']} to train further")
         datasets = load_datasets(run.data)
         check_compatible(run.model, datasets)
     print(f"training {run.model.routing} routing x{run.model.routing_iterations}, units {run.model.units} on "

@@ -573,7 +573,7 @@ def run_config_from_dict(raw: dict[str, Any] | None, *, source: str = "<dict>", 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """The run config of an experiment (or plain model/data/train) file, or the defaults when ``path`` is None."""
     if path is None:
-        return run_config_from_dict({}, source="--set", overrides=overrides)
+        return run_config_from_dict({}, source="command line", overrides=overrides)
     path = Path(path).expanduser().resolve()
     return run_config_from_dict(_read(path, str(path)), source=str(path), base_dir=path.parent, overrides=overrides)
 
