@@ -518,20 +518,26 @@ def _apply_override(raw: dict[str, Any], text: str, issues: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- load / dump
 
-def experiment_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None,
-                         overrides: Sequence[str] = ()) -> Experiment:
-    """Validate a raw mapping (as read from YAML) into an :class:`Experiment`; raise one :class:`ConfigError`."""
+def _prepare(raw: Any, source: str, overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """A copy of ``raw`` with the overrides applied, and the problems found so far (overrides, top-level keys)."""
     if not isinstance(raw, Mapping):
         got = "an empty file" if raw is None else type(raw).__name__
         raise ConfigError(f"{source}: expected a mapping at the top level ({', '.join(TOP_LEVEL)}), got {got}")
     raw = _deep_copy(raw)                                  # overrides must not change the caller's mapping
-    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     issues: list[str] = []
     for text in overrides:
         _apply_override(raw, text, issues)
     for key in raw:
         if key not in TOP_LEVEL:
             issues.append(f"{key}: unknown key{_suggest(str(key), TOP_LEVEL)}")
+    return raw, issues
+
+
+def experiment_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None,
+                         overrides: Sequence[str] = ()) -> Experiment:
+    """Validate a raw mapping (as read from YAML) into an :class:`Experiment`; raise one :class:`ConfigError`."""
+    raw, issues = _prepare(raw, source, overrides)
+    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     name = raw.get("name")
     if name is None:
         issues.append("name: required (letters, digits, '.', '_' or '-')")
@@ -554,15 +560,7 @@ def run_config_from_dict(raw: dict[str, Any] | None, *, source: str = "<dict>", 
     """Only the model/data/train sections, validated as in :func:`experiment_from_dict` (one :class:`ConfigError`
     listing every problem). ``drcaps train`` uses it: a file without a ``search`` section is fine here, and the
     ``name``/``search``/``tracking``/``result`` sections of a full experiment file are ignored."""
-    raw = _deep_copy(raw or {})
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level ({', '.join(TOP_LEVEL)})")
-    issues: list[str] = []
-    for text in overrides:
-        _apply_override(raw, text, issues)
-    for key in raw:
-        if key not in TOP_LEVEL:
-            issues.append(f"{key}: unknown key{_suggest(str(key), TOP_LEVEL)}")
+    raw, issues = _prepare({} if raw is None else raw, source, overrides)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     sections = {s: _run_section(s, raw.get(s), base, issues) for s in SECTIONS}
     if issues:
