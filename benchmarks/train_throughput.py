@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import sys
 import time
@@ -33,6 +34,16 @@ VARIANTS: list[tuple[str, ModelConfig]] = [
     ("paper, attention x3", model_preset("paper", routing="attention")),
     ("small, dynamic x3", model_preset("small")),
 ]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def measure(cfg: ModelConfig, device: torch.device, batch: int, steps: int, warmup: int) -> float:
@@ -77,7 +88,7 @@ def main() -> None:
     print(f"paper preset: {count_parameters(CapsNet(model_preset('paper'))):,} parameters")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
-        name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+        name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
         steps, warmup = (2, 1) if args.quick else ((3, 1) if device.type == "cpu" else (50, 10))
         variants = VARIANTS if device.type == "cuda" or args.cpu_variants == "all" else VARIANTS[:1]
         print(f"\n{device.type}: {name}")
