@@ -230,6 +230,13 @@ def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
                             resume=args.resume, smoke_test=args.smoke_test)
     except ClusterError as e:
         raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        again = f"drcaps search {args.experiment} --resume" + "".join(
+            f" {flag} {value}" for flag, value in (("--storage-path", args.storage_path),
+                                                   ("--tracking-uri", args.tracking_uri),
+                                                   ("--address", args.address)) if value)
+        print(f"interrupted: the search's state is saved; continue it with\n  {again}", file=sys.stderr)
+        return 130
     _print_ranking(result)
     out = (args.out or Path.cwd() / f"{exp.name}.best.yaml").resolve()
     path, _ = export_from_tracking(uri, exp.mlflow_experiment, out, csv=out.with_suffix(".trials.csv"))

@@ -31,7 +31,7 @@ from search import tracking
 from search.experiment import Experiment, experiment_to_dict
 from search.space import apply_params, make_sampler, to_distributions
 
-STATE_FILE = "drcaps-search.json"   # in the Ray experiment folder: what a resumed search needs to find again
+STATE_FILE = "drcaps-search.json"   # <storage>/<experiment>/: the latest search of it, what --resume continues
 
 
 class ClusterError(RuntimeError):
@@ -207,7 +207,7 @@ def _summaries(results: Any, metric: str, mode: str, epochs: int) -> list[TrialS
         df = r.metrics_dataframe
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         if df is None or metric not in df or df[metric].dropna().empty:
-            out.append(TrialSummary(str(trial_id), dict(r.config), -sign * math.inf, 0, "failed",
+            out.append(TrialSummary(str(trial_id), dict(r.config or {}), -sign * math.inf, 0, "failed",
                                     error=str(r.error) if r.error else "no metrics reported"))
             continue
         best_row = df.loc[(df[metric] * sign).idxmax()]
@@ -234,12 +234,13 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
     s = exp.search
     uri = tracking.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
     mlflow_experiment = exp.tracking.experiment or exp.name
-    storage = Path(storage_path or Path.cwd() / "drcaps-runs").resolve()
-    exp_dir = storage / exp.name
-    state_file = exp_dir / STATE_FILE
+    # One Ray folder per search, <storage>/<experiment>/<study>/: running the same experiment again starts afresh
+    # beside the earlier searches instead of mixing into their folder.
+    storage = Path(storage_path or Path.cwd() / "drcaps-runs").resolve() / exp.name
+    state_file = storage / STATE_FILE
 
     if resume and not state_file.exists():
-        raise ClusterError(f"--resume: no interrupted search of '{exp.name}' in {exp_dir}; "
+        raise ClusterError(f"--resume: no interrupted search of '{exp.name}' in {storage}; "
                            "run it without --resume, or pass the --storage-path it used")
     _init_ray(address, verbose)               # before any MLflow run exists: a bad --address leaves nothing behind
     if resume:
@@ -248,6 +249,8 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
         tracking.reopen_run(uri, parent_run_id)
     else:
         study_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while (storage / study_name).exists():   # two searches started within one second
+            study_name += "x"
         resolved = experiment_to_dict(exp)
         parent_run_id = tracking.start_search_run(
             uri, mlflow_experiment, run_name=study_name, params=exp.run.flat() | {
@@ -261,6 +264,7 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
                        "search_space.json": json.dumps({k: dataclasses.asdict(v) for k, v in s.space.items()},
                                                        indent=2, default=str)})
     storage_url = optuna_storage_url(exp, uri)
+    exp_dir = storage / study_name
 
     ctx = TrialContext(exp, uri, mlflow_experiment, parent_run_id, s.resources.cpu, s.resources.gpu)
     resources = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
@@ -277,15 +281,20 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
                     search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
                     scheduler=_scheduler(exp, exp.run.train.epochs)),
                 run_config=tune.RunConfig(
-                    name=exp.name, storage_path=str(storage), verbose=verbose,
+                    name=study_name, storage_path=str(storage), verbose=verbose,
                     failure_config=tune.FailureConfig(max_failures=s.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints,
                                                             checkpoint_score_attribute=s.metric,
                                                             checkpoint_score_order=s.mode)))
-            exp_dir.mkdir(parents=True, exist_ok=True)
+            storage.mkdir(parents=True, exist_ok=True)
             state_file.write_text(json.dumps({"parent_run_id": parent_run_id, "study_name": study_name,
                                               "storage_url": storage_url, "tracking_uri": uri}))
         results = tuner.fit()
+        # Ray Tune handles the first SIGINT itself: it saves the experiment state, stops the trials (in memory they
+        # all read TERMINATED now) and fit() RETURNS as if the search had ended. Only the saved state still shows
+        # the trials that had not ended: then this is an interrupt, to be continued with --resume.
+        if any(t.status not in ("TERMINATED", "ERROR") for t in tune.ExperimentAnalysis(str(exp_dir)).trials):
+            raise KeyboardInterrupt
     except BaseException:
         tracking.end_run(uri, parent_run_id, "KILLED")
         raise
