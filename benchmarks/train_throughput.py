@@ -2,7 +2,7 @@
 
 Runs every variant side by side in one process on the same random batch, and prints ratios against the paper
 preset with dynamic routing (3 iterations, votes detached in the inner iterations). CPU always; CUDA too when
-present (bf16 autocast, as ``train`` uses). Needs only torch and this repo:
+present (bf16 autocast, as ``train`` uses, and the baseline in fp32 beside it). Needs only torch and this repo:
 
     python benchmarks/train_throughput.py                 # paper preset, batch 128
     python benchmarks/train_throughput.py --quick         # fewer steps (smoke)
@@ -26,13 +26,14 @@ from drcapsnet.config import ModelConfig, model_preset  # noqa: E402
 from drcapsnet.losses import capsnet_loss  # noqa: E402
 from drcapsnet.model import CapsNet, count_parameters  # noqa: E402
 
-VARIANTS: list[tuple[str, ModelConfig]] = [
-    ("paper, dynamic x3 (baseline)", model_preset("paper")),
-    ("paper, dynamic x3, no detach", model_preset("paper", detach_routing=False)),
-    ("paper, dynamic x1", model_preset("paper", routing_iterations=1)),
-    ("paper, dynamic x5", model_preset("paper", routing_iterations=5)),
-    ("paper, attention x3", model_preset("paper", routing="attention")),
-    ("small, dynamic x3", model_preset("small")),
+VARIANTS: list[tuple[str, ModelConfig, bool]] = [     # (label, model, bf16 autocast on CUDA)
+    ("paper, dynamic x3 (baseline)", model_preset("paper"), True),
+    ("paper, dynamic x3, no detach", model_preset("paper", detach_routing=False), True),
+    ("paper, dynamic x1", model_preset("paper", routing_iterations=1), True),
+    ("paper, dynamic x5", model_preset("paper", routing_iterations=5), True),
+    ("paper, attention x3", model_preset("paper", routing="attention"), True),
+    ("small, dynamic x3", model_preset("small"), True),
+    ("paper, dynamic x3, no autocast", model_preset("paper"), False),
 ]
 
 
@@ -46,14 +47,14 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def measure(cfg: ModelConfig, device: torch.device, batch: int, steps: int, warmup: int) -> float:
+def measure(cfg: ModelConfig, device: torch.device, batch: int, steps: int, warmup: int, bf16: bool = True) -> float:
     """Images per second of full training steps (forward, margin + reconstruction loss, backward, SGD step)."""
     torch.manual_seed(0)
     model = CapsNet(cfg).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16
                 else contextlib.nullcontext())
 
     def step() -> None:
@@ -90,12 +91,13 @@ def main() -> None:
     for device in devices:
         name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
         steps, warmup = (2, 1) if args.quick else ((3, 1) if device.type == "cpu" else (50, 10))
-        variants = VARIANTS if device.type == "cuda" or args.cpu_variants == "all" else VARIANTS[:1]
+        variants = [v for v in VARIANTS if device.type == "cuda" or "autocast" not in v[0]]   # CPU: always fp32
+        variants = variants if device.type == "cuda" or args.cpu_variants == "all" else variants[:1]
         print(f"\n{device.type}: {name}")
         print(f"  {'variant':32s} {'img/s':>9s} {'s/60k epoch':>12s} {'vs baseline':>12s}")
         base = None
-        for label, cfg in variants:
-            ips = measure(cfg, device, args.batch_size, steps, warmup)
+        for label, cfg, bf16 in variants:
+            ips = measure(cfg, device, args.batch_size, steps, warmup, bf16)
             base = base or ips
             print(f"  {label:32s} {ips:9.0f} {60000 / ips:12.1f} {ips / base:11.2f}x", flush=True)
 

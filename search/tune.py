@@ -8,15 +8,19 @@ when Ray restarts it). Ray is imported inside functions, so ``import search.tune
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,14 +185,34 @@ def _init_ray(address: str | None, verbose: int) -> None:
 
     if ray.is_initialized():
         return
+    # No --address: a fresh embedded Ray ("local"), never a cluster someone else started on this machine (plain
+    # ray.init() would attach to the last one in /tmp/ray). RAY_ADDRESS, Ray's own convention, still selects one.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         # Trials print nothing worth reading (metrics reach Tune's table and MLflow); their logs stay in Ray's
         # session folder instead of repeating "Checkpoint successfully created" on the terminal.
-        ray.init(address=address, log_to_driver=False, include_dashboard=False if address is None else None,
+        ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None,
                  configure_logging=verbose > 0)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+        if _auth_refused(e):
+            raise ClusterError(
+                f"--address: the Ray cluster at {address!r} requires token authentication and this process sent "
+                "no token; export RAY_AUTH_MODE=token (the token is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                "or ~/.ray/auth_token, the same as the head's), or use --address auto on the head node") from None
         raise ClusterError(f"--address: cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {e}); "
                            "start it (ray start --head) or leave --address out to run Ray here") from None
+
+
+def _auth_refused(error: BaseException) -> bool:
+    """Whether ``ray.init`` failed because the cluster wants a token (Ray >= 2.5x: a head started where
+    ``~/.ray/auth_token`` exists turns token authentication on; a driver given an explicit address never does).
+    Ray wraps the ``AuthenticationError`` in a RuntimeError's text, so look through the causes and their text."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if type(seen).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _smoke(exp: Experiment) -> Experiment:
@@ -289,16 +313,43 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
             storage.mkdir(parents=True, exist_ok=True)
             state_file.write_text(json.dumps({"parent_run_id": parent_run_id, "study_name": study_name,
                                               "storage_url": storage_url, "tracking_uri": uri}))
-        results = tuner.fit()
+        with _tune_interrupt_watch() as interrupted:
+            results = tuner.fit()
         # Ray Tune handles the first SIGINT itself: it saves the experiment state, stops the trials (in memory they
-        # all read TERMINATED now) and fit() RETURNS as if the search had ended. Only the saved state still shows
-        # the trials that had not ended: then this is an interrupt, to be continued with --resume.
-        if any(t.status not in ("TERMINATED", "ERROR") for t in tune.ExperimentAnalysis(str(exp_dir)).trials):
+        # all read TERMINATED now) and fit() RETURNS as if the search had ended. That is an interrupt, to be
+        # continued with --resume. The saved state showing a trial that had not ended says so too (SIGUSR1).
+        if interrupted() or any(t.status not in ("TERMINATED", "ERROR")
+                                for t in tune.ExperimentAnalysis(str(exp_dir)).trials):
             raise KeyboardInterrupt
     except BaseException:
         tracking.end_run(uri, parent_run_id, "KILLED")
         raise
     return _finish(exp, results, uri, mlflow_experiment, parent_run_id, study_name, storage_url, str(exp_dir))
+
+
+def _sigint_after_tune(signum: int, frame: Any) -> None:
+    """What a second Ctrl-C meets while Tune saves its state after the first: stop now, as Python would."""
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _tune_interrupt_watch() -> Iterator[Callable[[], bool]]:
+    """Tell whether ``Tuner.fit`` ended because of SIGINT / SIGUSR1.
+
+    Tune's handler records the signal in a local flag and restores the SIGINT handler that was in place when the
+    run began, so a marker handler installed here is back in place after ``fit`` exactly when the signal came,
+    whatever state the trials were in (the one that had just finished, the next one not yet started). The
+    previous handler is restored on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():    # no signal handlers off the main thread
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, _sigint_after_tune)
+    tune_catches = not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))   # the switch Ray Tune reads
+    try:
+        yield lambda: tune_catches and signal.getsignal(signal.SIGINT) is _sigint_after_tune
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _finish(exp: Experiment, results: Any, uri: str, mlflow_experiment: str, parent_run_id: str,

@@ -1,5 +1,6 @@
-"""drcapsnet.train on the CPU: the report contract, seeded reproducibility, exact resume, a real accuracy bar,
-and the setup checks (model vs data, device) that must fail before any training starts."""
+"""drcapsnet.train on the CPU (and, where there is one, the GPU): the report contract, seeded reproducibility,
+exact resume, a real accuracy bar, and the setup checks (model vs data, device) that must fail before any training
+starts."""
 
 from __future__ import annotations
 
@@ -140,3 +141,21 @@ def test_attention_routing_trains(small: Datasets) -> None:
     metrics = train(model_preset("tiny", routing="attention", attention_prior=True), SMALL, _cpu(), datasets=small)
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
     assert 0.0 <= metrics["val_acc"] <= 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_checkpoints_a_model_that_evaluates_the_same_on_the_cpu(tmp_path: Path, small: Datasets) -> None:
+    """Train on the GPU (bf16 autocast), then load the checkpoint where there is no GPU, as a laptop does after a
+    cluster search: the weights come back on the CPU and score what the GPU run reported."""
+    from drcapsnet.checkpoint import load_model
+    from drcapsnet.train import evaluate
+
+    cfg = TrainConfig(device="cuda", epochs=3, optimizer="adam", lr=3.0e-3, bf16=True)
+    final = train(model_preset("tiny"), SMALL, cfg, checkpoint_dir=tmp_path, datasets=small)
+    assert all(math.isfinite(v) for v in final.values())
+    model, run, state = load_model(tmp_path / LAST)                      # map_location="cpu" by default
+    assert run.train.device == "cuda" and state["epoch"] == 3
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    _, val_acc = evaluate(model, small.val, 64, device=torch.device("cpu"))
+    assert val_acc > 0.5
+    assert abs(val_acc - final["val_acc"]) <= 0.02                     # bf16 on the GPU vs fp32 here: a few flips

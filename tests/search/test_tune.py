@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 from pathlib import Path
 
 import optuna
@@ -21,7 +22,7 @@ from search import tracking
 from search.commands import export_from_tracking
 from search.experiment import experiment_from_dict, load_experiment
 from search.space import apply_params
-from search.tune import SearchResult, make_searcher, run_search
+from search.tune import SearchResult, _tune_interrupt_watch, make_searcher, run_search
 
 SPACE = {
     "model.routing_iterations": {"type": "int", "low": 1, "high": 3},
@@ -133,3 +134,19 @@ def test_same_seed_proposes_the_same_first_configurations(tmp_path):
 
     assert first(7) == first(7)
     assert first(7) != first(8)
+
+
+@pytest.mark.parametrize("signum", [None, signal.SIGINT, signal.SIGUSR1])
+def test_interrupt_watch_sees_ray_tunes_own_signal_handler_fire(signum):
+    """Ray Tune swallows the first Ctrl-C (Tuner.fit returns); the watch must tell that apart from a finished search
+    whatever state the trials were in. Runs Ray Tune's real handler set-up, as ``tune.run`` does inside ``fit``."""
+    from ray.tune.tune import _setup_signal_catching
+
+    before = signal.getsignal(signal.SIGINT)
+    with _tune_interrupt_watch() as interrupted:
+        event = _setup_signal_catching()
+        if signum is not None:
+            signal.raise_signal(signum)
+        assert event.is_set() == (signum is not None)         # Tune saw it (and did not raise)
+        assert interrupted() == (signum is not None)
+    assert signal.getsignal(signal.SIGINT) is before           # the handler in place before is back
