@@ -313,13 +313,16 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
             storage.mkdir(parents=True, exist_ok=True)
             state_file.write_text(json.dumps({"parent_run_id": parent_run_id, "study_name": study_name,
                                               "storage_url": storage_url, "tracking_uri": uri}))
-        with _tune_interrupt_watch() as interrupted:
+        # Through Ray Client (ray://) fit() runs on the cluster: no Tune handler here, Ctrl-C raises as usual.
+        tune_catches = (not ray.util.client.ray.is_connected()
+                        and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")))   # the switch Tune reads
+        with _tune_interrupt_watch(tune_catches) as interrupted:
             results = tuner.fit()
         # Ray Tune handles the first SIGINT itself: it saves the experiment state, stops the trials (in memory they
         # all read TERMINATED now) and fit() RETURNS as if the search had ended. That is an interrupt, to be
         # continued with --resume. The saved state showing a trial that had not ended says so too (SIGUSR1).
-        if interrupted() or any(t.status not in ("TERMINATED", "ERROR")
-                                for t in tune.ExperimentAnalysis(str(exp_dir)).trials):
+        if interrupted() or (exp_dir.exists() and any(t.status not in ("TERMINATED", "ERROR")
+                                                      for t in tune.ExperimentAnalysis(str(exp_dir)).trials)):
             raise KeyboardInterrupt
     except BaseException:
         tracking.end_run(uri, parent_run_id, "KILLED")
@@ -333,22 +336,25 @@ def _sigint_after_tune(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def _tune_interrupt_watch() -> Iterator[Callable[[], bool]]:
-    """Tell whether ``Tuner.fit`` ended because of SIGINT / SIGUSR1.
+def _tune_interrupt_watch(tune_catches: bool) -> Iterator[Callable[[], bool]]:
+    """Tell, once the block is left, whether ``Tuner.fit`` inside it ended because of SIGINT / SIGUSR1.
 
     Tune's handler records the signal in a local flag and restores the SIGINT handler that was in place when the
     run began, so a marker handler installed here is back in place after ``fit`` exactly when the signal came,
     whatever state the trials were in (the one that had just finished, the next one not yet started). The
-    previous handler is restored on the way out.
+    previous handler is restored on the way out. ``tune_catches``: whether Tune installs its handler in this
+    process at all (not through Ray Client, not with ``TUNE_DISABLE_SIGINT_HANDLER=1``).
     """
-    if threading.current_thread() is not threading.main_thread():    # no signal handlers off the main thread
+    if not tune_catches or threading.current_thread() is not threading.main_thread():   # handlers: main only
         yield lambda: False
         return
     previous = signal.signal(signal.SIGINT, _sigint_after_tune)
-    tune_catches = not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))   # the switch Ray Tune reads
+    seen = [False]
     try:
-        yield lambda: tune_catches and signal.getsignal(signal.SIGINT) is _sigint_after_tune
+        yield lambda: seen[0]
     finally:
+        # Read before restoring: the answer is which handler is in place when fit() has returned.
+        seen[0] = signal.getsignal(signal.SIGINT) is _sigint_after_tune
         signal.signal(signal.SIGINT, previous)
 
 

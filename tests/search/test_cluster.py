@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,16 +33,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Head:
+    address: str           # HOST:PORT of the GCS, what `ray start --address` and `drcaps search --address` take
+    client_address: str   # ray://HOST:PORT of its Ray Client server
+    temp_dir: str
+
+
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[tuple[str, str]]:
-    """A one-node Ray cluster in its own process group and temp dir; torn down with the group."""
-    port = _free_port()
+def ray_head() -> Iterator[Head]:
+    """A one-node Ray cluster (with a Ray Client server) in its own process group and temp dir."""
+    port, client_port = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")            # short: Ray's unix sockets live under it
     subprocess.run([str(RAY), "get-auth-token", "--generate"], capture_output=True, timeout=60, check=True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}   # ~/.ray/auth_token
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false",
+                             "--ray-client-server-port", str(client_port), "--num-cpus", "2", "--num-gpus", "0",
+                             "--include-dashboard", "false",
                              "--temp-dir", temp_dir, "--block"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -56,15 +65,24 @@ def ray_head() -> Iterator[tuple[str, str]]:
         else:
             pytest.fail("ray start --head did not listen within 90 s")
         time.sleep(3)                                                # raylet registers after GCS
-        yield f"127.0.0.1:{port}", temp_dir
+        yield Head(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}", temp_dir)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=60,
-                       env={**os.environ, "RAY_TMPDIR": temp_dir})
+        _kill_leftovers(temp_dir)            # not `ray stop`: that stops every Ray on the machine, CI's own too
+
+
+def _kill_leftovers(temp_dir: str) -> None:
+    """SIGKILL any process of this cluster that outlived its group (their command lines name its temp dir)."""
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if temp_dir in (proc_dir / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 EXPERIMENT = {
@@ -93,24 +111,34 @@ def _env_without_ray(**extra: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_search_joins_a_running_cluster_by_address(ray_head, tmp_path):
-    address, temp_dir = ray_head
     # As a user runs it, in a fresh process: with the token mode the error below names.
-    proc, uri = _drcaps_search(tmp_path, address, _env_without_ray(RAY_AUTH_MODE="token"))
+    proc, uri = _drcaps_search(tmp_path, ray_head.address, _env_without_ray(RAY_AUTH_MODE="token"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent = tracking.latest_search_run(uri, "cluster-e2e")
     assert parent is not None and parent.status == "FINISHED"
     children = tracking.child_runs(uri, parent.run_id)
     assert len(children) == 2 and all(r.status == "FINISHED" for r in children)
     # The trials' worker logs are in the head's temp dir: they ran on its node, not on a Ray of their own.
-    assert any(Path(temp_dir).glob("session_*/logs/worker-*")), "no worker ran under the cluster's temp dir"
+    assert any(Path(ray_head.temp_dir).glob("session_*/logs/worker-*")), "no worker ran under the cluster's temp dir"
 
 
 @pytest.mark.slow
 def test_a_cluster_that_wants_a_token_gets_one_clear_error_and_nothing_recorded(ray_head, tmp_path):
-    address, _ = ray_head
+    address = ray_head.address
     proc, uri = _drcaps_search(tmp_path, address, _env_without_ray())
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert address in proc.stderr and "RAY_AUTH_MODE=token" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     # Refused before any MLflow run or Ray folder was made.
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+
+
+@pytest.mark.slow
+def test_search_through_ray_client(ray_head, tmp_path):
+    """`--address ray://HOST:10001`: Tune's driver then runs on the cluster, the CLI stays a client."""
+    proc, uri = _drcaps_search(tmp_path, ray_head.client_address, _env_without_ray(RAY_AUTH_MODE="token"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = tracking.latest_search_run(uri, "cluster-e2e")
+    assert parent is not None and parent.status == "FINISHED"
+    assert len(tracking.child_runs(uri, parent.run_id)) == 2
+    assert "best" in proc.stdout.lower(), proc.stdout[-2000:]

@@ -143,10 +143,18 @@ def test_interrupt_watch_sees_ray_tunes_own_signal_handler_fire(signum):
     from ray.tune.tune import _setup_signal_catching
 
     before = signal.getsignal(signal.SIGINT)
-    with _tune_interrupt_watch() as interrupted:
+    with _tune_interrupt_watch(True) as interrupted:
         event = _setup_signal_catching()
         if signum is not None:
             signal.raise_signal(signum)
         assert event.is_set() == (signum is not None)         # Tune saw it (and did not raise)
-        assert interrupted() == (signum is not None)
+    assert interrupted() == (signum is not None)               # asked after the block, as run_search does
     assert signal.getsignal(signal.SIGINT) is before           # the handler in place before is back
+
+
+def test_interrupt_watch_stays_out_where_tune_installs_no_handler():
+    """Through Ray Client fit() runs on the cluster: nothing here handles SIGINT, so the watch must not read the
+    untouched handler as "Tune fired" (a finished search would end as interrupted)."""
+    with _tune_interrupt_watch(False) as interrupted:
+        pass
+    assert interrupted() is False
