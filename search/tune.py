@@ -290,6 +290,10 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
     storage_url = optuna_storage_url(exp, uri)
     exp_dir = storage / study_name
 
+    # Trials checkpoint every epoch and keep the best few, so Tune snapshots its state whenever one has checkpointed
+    # keep_checkpoints times; with sub-second GPU epochs it then warns every few seconds, burying the progress
+    # table (seen on an H200). The snapshot is small; the warning is off unless the user sets the variable.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ctx = TrialContext(exp, uri, mlflow_experiment, parent_run_id, s.resources.cpu, s.resources.gpu)
     resources = {"cpu": s.resources.cpu, "gpu": s.resources.gpu}
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
