@@ -22,29 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.steps import require_cuda, training_step  # noqa: E402
 from drcapsnet.config import model_preset  # noqa: E402
-from drcapsnet.losses import capsnet_loss  # noqa: E402
-from drcapsnet.model import CapsNet  # noqa: E402
 
 
 def _worker(preset: str, batch: int, seconds: float, barrier: mp.synchronize.Barrier, out: mp.Queue) -> None:
     """One trial: warm up, wait for the others, then count training images for ``seconds``."""
-    cfg = model_preset(preset)
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = CapsNet(cfg).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):     # as drcapsnet.train does on CUDA
-            o = model(x, y)
-        loss = capsnet_loss(o.lengths.float(), o.reconstruction, x, y, cfg.reconstruction_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = training_step(model_preset(preset), device, batch)            # bf16, as drcapsnet.train on CUDA
     for _ in range(10):
         step()
     torch.cuda.synchronize()
@@ -78,8 +63,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured wall time per K")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_packing: needs a CUDA GPU (torch.cuda.is_available() is False)")
+    require_cuda("gpu_packing")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, batch {args.batch_size}, "
           f"{args.seconds:g} s per measurement, bf16 autocast")
     for preset in args.presets.split(","):

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.steps import images_per_s, require_cuda, training_step  # noqa: E402
 from drcapsnet.config import model_preset  # noqa: E402
-from drcapsnet.losses import capsnet_loss  # noqa: E402
-from drcapsnet.model import CapsNet  # noqa: E402
 
 SETTINGS = {"bf16": (True, False), "fp32": (False, False), "tf32": (False, True)}   # (autocast, allow TF32)
 
@@ -28,29 +26,8 @@ SETTINGS = {"bf16": (True, False), "fp32": (False, False), "tf32": (False, True)
 def measure(preset: str, batch: int, bf16: bool, tf32: bool, steps: int) -> float:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    cfg = model_preset(preset)
-    torch.manual_seed(0)
-    model = CapsNet(cfg).cuda().train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device="cuda")
-    y = torch.randint(0, cfg.num_classes, (batch,), device="cuda")
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x, y)
-        loss = capsnet_loss(out.lengths.float(), out.reconstruction, x, y, cfg.reconstruction_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(15):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0)
+    device = torch.device("cuda")
+    return images_per_s(training_step(model_preset(preset), device, batch, bf16), device, batch, steps, warmup=15)
 
 
 def main() -> None:
@@ -60,8 +37,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("precision: needs a CUDA GPU (torch.cuda.is_available() is False)")
+    require_cuda("precision")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {args.preset} preset, {args.steps} steps")
     print(f"  {'batch':>5s} {'run':>3s} " + " ".join(f"{k + ' img/s':>11s}" for k in SETTINGS)
           + " " + " ".join(f"{k + ' vs bf16':>13s}" for k in list(SETTINGS)[1:]))

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.steps import require_cuda  # noqa: E402
 from search import tracking  # noqa: E402
 from search.experiment import experiment_from_dict  # noqa: E402
 from search.tune import run_search  # noqa: E402
@@ -64,8 +65,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs per trial")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("search_gpu_packing: needs a CUDA GPU (torch.cuda.is_available() is False)")
+    require_cuda("search_gpu_packing")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; {args.trials} trials x {args.epochs} epochs, "
           f"{args.preset} preset, batch {args.batch_size}, {args.dataset} {args.data_dir or ''}")
     rows, base = [], None

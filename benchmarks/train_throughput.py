@@ -11,19 +11,17 @@ present (bf16 autocast, as ``train`` uses, and the baseline in fp32 beside it). 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.steps import images_per_s, training_step  # noqa: E402
 from drcapsnet.config import ModelConfig, model_preset  # noqa: E402
-from drcapsnet.losses import capsnet_loss  # noqa: E402
 from drcapsnet.model import CapsNet, count_parameters  # noqa: E402
 
 VARIANTS: list[tuple[str, ModelConfig, bool]] = [     # (label, model, bf16 autocast on CUDA)
@@ -49,32 +47,7 @@ def cpu_name() -> str:
 
 def measure(cfg: ModelConfig, device: torch.device, batch: int, steps: int, warmup: int, bf16: bool = True) -> float:
     """Images per second of full training steps (forward, margin + reconstruction loss, backward, SGD step)."""
-    torch.manual_seed(0)
-    model = CapsNet(cfg).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and bf16
-                else contextlib.nullcontext())
-
-    def step() -> None:
-        with autocast:
-            out = model(x, y)
-        loss = capsnet_loss(out.lengths.float(), out.reconstruction, x, y, cfg.reconstruction_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0)
+    return images_per_s(training_step(cfg, device, batch, bf16), device, batch, steps, warmup)
 
 
 def main() -> None:
