@@ -324,7 +324,8 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
             results = tuner.fit()
         # Ray Tune handles the first SIGINT itself: it saves the experiment state, stops the trials (in memory they
         # all read TERMINATED now) and fit() RETURNS as if the search had ended. That is an interrupt, to be
-        # continued with --resume. The saved state showing a trial that had not ended says so too (SIGUSR1).
+        # continued with --resume. Where the watch stays out (Ray Client, TUNE_DISABLE_SIGINT_HANDLER=1, where Tune
+        # still stops on SIGUSR1), the saved state showing a trial that had not ended says so instead.
         if interrupted() or (exp_dir.exists() and any(t.status not in ("TERMINATED", "ERROR")
                                                       for t in tune.ExperimentAnalysis(str(exp_dir)).trials)):
             raise KeyboardInterrupt

@@ -109,15 +109,20 @@ def _env_without_ray(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **extra}
 
 
-@pytest.mark.slow
-def test_search_joins_a_running_cluster_by_address(ray_head, tmp_path):
-    # As a user runs it, in a fresh process: with the token mode the error below names.
-    proc, uri = _drcaps_search(tmp_path, ray_head.address, _env_without_ray(RAY_AUTH_MODE="token"))
+def _assert_search_finished(proc: subprocess.CompletedProcess[str], uri: str) -> None:
+    """Exit code 0, the parent run FINISHED, one FINISHED child run per trial."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent = tracking.latest_search_run(uri, "cluster-e2e")
     assert parent is not None and parent.status == "FINISHED"
     children = tracking.child_runs(uri, parent.run_id)
     assert len(children) == 2 and all(r.status == "FINISHED" for r in children)
+
+
+@pytest.mark.slow
+def test_search_joins_a_running_cluster_by_address(ray_head, tmp_path):
+    # As a user runs it, in a fresh process: with the token mode the error below names.
+    proc, uri = _drcaps_search(tmp_path, ray_head.address, _env_without_ray(RAY_AUTH_MODE="token"))
+    _assert_search_finished(proc, uri)
     # The trials' worker logs are in the head's temp dir: they ran on its node, not on a Ray of their own.
     assert any(Path(ray_head.temp_dir).glob("session_*/logs/worker-*")), "no worker ran under the cluster's temp dir"
 
@@ -137,8 +142,5 @@ def test_a_cluster_that_wants_a_token_gets_one_clear_error_and_nothing_recorded(
 def test_search_through_ray_client(ray_head, tmp_path):
     """`--address ray://HOST:10001`: Tune's driver then runs on the cluster, the CLI stays a client."""
     proc, uri = _drcaps_search(tmp_path, ray_head.client_address, _env_without_ray(RAY_AUTH_MODE="token"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    parent = tracking.latest_search_run(uri, "cluster-e2e")
-    assert parent is not None and parent.status == "FINISHED"
-    assert len(tracking.child_runs(uri, parent.run_id)) == 2
+    _assert_search_finished(proc, uri)
     assert "best" in proc.stdout.lower(), proc.stdout[-2000:]
