@@ -188,11 +188,21 @@ def _init_ray(address: str | None, verbose: int) -> None:
     # No --address: a fresh embedded Ray ("local"), never a cluster someone else started on this machine (plain
     # ray.init() would attach to the last one in /tmp/ray). RAY_ADDRESS, Ray's own convention, still selects one.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    # Through Ray Client the cluster forks a server per client, and ~7% of those die at start-up (a gRPC fork race
+    # in Ray's proxier, ray-project/ray#63202, open): "Initialization failure from server". Worth two more tries.
+    tries = 3 if address.startswith("ray://") else 1
     try:
-        # Trials print nothing worth reading (metrics reach Tune's table and MLflow); their logs stay in Ray's
-        # session folder instead of repeating "Checkpoint successfully created" on the terminal.
-        ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None,
-                 configure_logging=verbose > 0)
+        for attempt in range(1, tries + 1):
+            try:
+                # Trials print nothing worth reading (metrics reach Tune's table and MLflow); their logs stay in
+                # Ray's session folder instead of repeating "Checkpoint successfully created" on the terminal.
+                ray.init(address=address, log_to_driver=False,
+                         include_dashboard=False if address == "local" else None, configure_logging=verbose > 0)
+                break
+            except ConnectionAbortedError as e:
+                if attempt == tries or "Initialization failure from server" not in str(e):
+                    raise
+                ray.shutdown()                     # drop the half-made client connection before the next try
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         if _auth_refused(e):
             raise ClusterError(
