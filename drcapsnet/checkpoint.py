@@ -16,14 +16,11 @@ from typing import Any
 import torch
 
 from drcapsnet.config import RunConfig
+from drcapsnet.errors import CheckpointError
 from drcapsnet.model import CapsNet
 
 LAST = "last.pt"   # written every epoch: what a resumed run starts from
 BEST = "best.pt"   # written when validation accuracy improves
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path is missing or is not a drcaps checkpoint."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:

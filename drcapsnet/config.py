@@ -1,15 +1,18 @@
 """One frozen dataclass per concern: the model, the data, the training run.
 
-Each dataclass checks its own values in ``__post_init__`` and raises ``ValueError`` naming the dotted
-field (``model.routing_iterations``) and the bad value, so the same string appears in YAML, ``--set``,
+Each dataclass checks its own values in ``__post_init__`` and raises ``ConfigError`` (a ``ValueError``) naming
+the dotted field (``model.routing_iterations``) and the bad value, so the same string appears in YAML, ``--set``,
 the search space, MLflow params and error messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from drcapsnet.errors import ConfigError
 
 RoutingKind = Literal["dynamic", "attention"]
 OptimizerName = Literal["sgd", "adam"]
@@ -21,9 +24,16 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "kmnist", "cifar10", "idx")
 
 
+MAX_WIDTH = 4096      # upper bound of every size field: far above any useful network, far below an out-of-memory one
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -58,17 +68,19 @@ class ModelConfig:
         for name in ("in_channels", "image_size", "conv_channels", "conv_kernel", "primary_types",
                      "primary_dim", "primary_kernel", "primary_stride", "units"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"model.{name}: must be an integer >= 1, got {value!r}")
+            _check(isinstance(value, int) and 1 <= value <= MAX_WIDTH,
+                   f"model.{name}: must be an integer in [1, {MAX_WIDTH}], got {value!r}")
         _check(isinstance(self.num_classes, int) and self.num_classes >= 2,
                f"model.num_classes: must be an integer >= 2, got {self.num_classes!r}")
         _check(isinstance(self.routing_iterations, int) and 1 <= self.routing_iterations <= 10,
                f"model.routing_iterations: must be an integer in [1, 10], got {self.routing_iterations!r}")
         _check(self.routing in ROUTING_KINDS,
                f"model.routing: must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
-        _check(all(isinstance(h, int) and h >= 1 for h in self.decoder_hidden),
-               f"model.decoder_hidden: must be a list of integers >= 1, got {list(self.decoder_hidden)!r}")
-        _check(isinstance(self.reconstruction_weight, (int, float)) and self.reconstruction_weight >= 0,
-               f"model.reconstruction_weight: must be a number >= 0, got {self.reconstruction_weight!r}")
+        _check(all(isinstance(h, int) and 1 <= h <= MAX_WIDTH for h in self.decoder_hidden),
+               f"model.decoder_hidden: must be a list of integers in [1, {MAX_WIDTH}], "
+               f"got {list(self.decoder_hidden)!r}")
+        _check(_finite(self.reconstruction_weight) and self.reconstruction_weight >= 0,
+               f"model.reconstruction_weight: must be a finite number >= 0, got {self.reconstruction_weight!r}")
         _check(self.grid_size >= 1,
                f"model.image_size: {self.image_size} is too small for conv_kernel={self.conv_kernel}, "
                f"primary_kernel={self.primary_kernel}, primary_stride={self.primary_stride}")
@@ -98,7 +110,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
     """The named preset with ``overrides`` applied: ``model_preset("small", units=8)``."""
     if name not in MODEL_PRESETS:
-        raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        raise ConfigError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
     return ModelConfig(**{**MODEL_PRESETS[name], **overrides})
 
 
@@ -168,8 +180,8 @@ class TrainConfig:
                f"train.lr: must be a number in (0, 10], got {self.lr!r}")
         _check(isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0,
                f"train.momentum: must be a number in [0, 1), got {self.momentum!r}")
-        _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0.0,
-               f"train.weight_decay: must be a number >= 0, got {self.weight_decay!r}")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0.0,
+               f"train.weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
         _check(isinstance(self.lr_decay, (int, float)) and 0.0 < self.lr_decay <= 1.0,
                f"train.lr_decay: must be a number in (0, 1], got {self.lr_decay!r}")
         _check(isinstance(self.seed, int), f"train.seed: must be an integer, got {self.seed!r}")
@@ -181,7 +193,7 @@ class TrainConfig:
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1,
                    f"train.{name}: must be an integer >= 1, got {value!r}")
-        _check(self.grad_clip is None or (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0),
+        _check(self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
                f"train.grad_clip: must be null or a number > 0, got {self.grad_clip!r}")
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from drcapsnet.config import DataConfig
+from drcapsnet.errors import DataError
 
 DEFAULT_ROOT = Path("~/.cache/drcaps/data")   # torchvision root when data.data_dir is not set
 DIGITS_SIZE = 28                              # digits are resized to MNIST's size so the paper's network fits
@@ -52,10 +53,6 @@ _IDX_HINT = "pass --data-dir pointing at a folder of train-*/t10k-* IDX files"
 # IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT"): all big-endian.
 _IDX_DTYPES: dict[int, np.dtype] = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
                                     0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-class DataError(ValueError):
-    """The user's data cannot be read (bad ``data_dir``, corrupt file, failed download): one line with the fix."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch import nn
 from drcapsnet.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from drcapsnet.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from drcapsnet.data import Datasets, Split, iterate_batches, load_datasets, num_batches
+from drcapsnet.errors import ConfigError, DivergedError
 from drcapsnet.losses import capsnet_loss
 from drcapsnet.model import CapsNet
 
@@ -29,8 +30,8 @@ Report = Callable[[dict[str, float]], None]
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Asking for CUDA where there is none is the user's mistake."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: 'cuda' was asked for but no CUDA device is available; "
-                         "use train.device=cpu (or --no-cuda)")
+        raise ConfigError("train.device: 'cuda' was asked for but no CUDA device is available; "
+                          "use train.device=cpu (or --no-cuda)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -46,7 +47,7 @@ def check_compatible(model_cfg: ModelConfig, data: Datasets) -> None:
         if have != want
     ]
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
 
 
 def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
@@ -154,6 +155,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
+        if not math.isfinite(loss_sum.item()):                       # NaN/inf: no later epoch can recover
+            raise DivergedError(epoch, f"train_loss is {loss_sum.item()}")
         metrics = {"epoch": epoch, "train_loss": loss_sum.item() / n_train, "train_acc": correct.item() / n_train,
                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": n_train / train_s}
         scheduler.step()

@@ -1,0 +1,56 @@
+"""The one exception root of drcaps: every error a user can cause or meet is a :class:`DrcapsError`.
+
+``search/cli.py`` maps each subclass to an exit code and prints its message as one ``error: ...`` line; anything
+that is not a ``DrcapsError`` is a bug and shows its traceback. Messages name the bad value (dotted field, flag or
+path) and the fix. Defined here, in ``drcapsnet``, because ``drcapsnet`` never imports ``search``.
+
+The input errors (:class:`ConfigError`, :class:`DataError`, :class:`CheckpointError`) are also ``ValueError`` s, so
+code that catches a bad value the Python way keeps working.
+"""
+
+from __future__ import annotations
+
+
+class DrcapsError(Exception):
+    """Root of every error drcaps raises on purpose: the message is for the user, one line where possible."""
+
+
+class ConfigError(DrcapsError, ValueError):
+    """A configuration value (file, ``--set``, flag, search space) is wrong; the message names the dotted field."""
+
+
+class DataError(DrcapsError, ValueError):
+    """The data cannot be read (bad ``data_dir``, corrupt file, failed download)."""
+
+
+class CheckpointError(DrcapsError, ValueError):
+    """A checkpoint path is missing or is not a drcaps checkpoint."""
+
+
+class TrackingError(DrcapsError):
+    """The tracking store cannot be used or does not hold what was asked for."""
+
+
+class ClusterError(DrcapsError):
+    """Ray could not be started or reached, lacks the resources asked for, or there is no search to resume."""
+
+
+class UsageError(DrcapsError):
+    """A command-line flag or an output path is wrong (a flag that is not a config field)."""
+
+
+class BusyError(DrcapsError):
+    """Another search of the same experiment is running in the same storage folder."""
+
+
+class DivergedError(DrcapsError):
+    """Training produced a NaN or infinite loss. ``epoch`` is the epoch where it happened (1-based)."""
+
+    def __init__(self, epoch: int, what: str) -> None:
+        super().__init__(f"diverged at epoch {epoch} ({what}); lower train.lr, or bound the search space")
+        self.epoch = epoch
+
+
+class SearchFailedError(DrcapsError):
+    """A search ran but produced no usable result (every trial failed), or its end (export) could not be written;
+    the message says where the recorded results are."""
