@@ -450,3 +450,25 @@ def trials_dataframe(uri: str, parent_run_id: str) -> pd.DataFrame:
             | {f"metrics.{k}": v for k, v in sorted(r.metrics.items())}
             for r in child_runs(uri, parent_run_id)]
     return pd.DataFrame(rows, columns=None if rows else ["run_id", "trial_id", "status", "outcome"])
+
+
+# ---------------------------------------------------------------- report queries (search/report.py)
+
+def search_runs(uri: str, experiment: str) -> list[RunRecord]:
+    """Every search (parent) run of ``experiment``, newest first."""
+    exp_id = _experiment_id(uri, experiment)
+    return [_record(r) for r in reversed(_search_all(uri, exp_id, "tags.`drcaps.role` = 'search'"))]
+
+
+def get_run(uri: str, run_id: str) -> RunRecord:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _record(_client(uri).get_run(run_id))
+    except MlflowException as e:
+        raise TrackingError(f"no MLflow run {run_id!r} at {uri}: {e.message}") from e
+
+
+def log_run_artifact(uri: str, run_id: str, local_path: Path, artifact_path: str | None = None) -> None:
+    """Log one local file to any run (e.g. the report, to a search's parent run after it ended)."""
+    _retry(lambda: _client(uri).log_artifact(run_id, str(local_path), artifact_path))
