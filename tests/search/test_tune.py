@@ -7,6 +7,7 @@ one thing a user relies on. Marked slow: Ray's start and 4 trainings take a minu
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 from pathlib import Path
@@ -124,6 +125,58 @@ def test_export_best_round_trips_through_load_experiment(searched, tmp_path):
     assert exported.result["mlflow_run_id"] == result.best_run_id
     assert exported.result["model_uri"] == result.model_uri
     assert len((tmp_path / "trials.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+@pytest.mark.slow
+def test_optuna_records_what_drcaps_ranks(searched):
+    """Optuna and drcaps tell one story: the value is the best epoch's, a stopped trial is PRUNED with every epoch
+    it ran as an intermediate value, the objective is named after the metric, each trial links its MLflow run."""
+    result, _ = searched
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
+    assert study.metric_names == ["val_acc"]
+    runs = {c.tags["drcaps.trial_id"]: c for c in tracking.child_runs(result.tracking_uri, result.parent_run_id)}
+    by_number = {t.number: t for t in study.trials}
+    assert sorted(by_number) == sorted(t.number for t in result.trials) == [0, 1, 2, 3]
+    for t in result.trials:
+        ot = by_number[t.number]
+        assert ot.params == t.params
+        assert sorted(ot.intermediate_values) == list(range(1, t.epochs + 1))     # the last epoch included
+        assert ot.user_attrs["mlflow_run_id"] == runs[t.trial_id].run_id
+        if t.outcome == "finished":
+            assert ot.state == optuna.trial.TrialState.COMPLETE
+            assert math.isclose(ot.value, t.metric)                               # the best epoch, not the last
+            assert ot.value == max(ot.intermediate_values.values())
+        else:
+            assert t.outcome == "stopped_early" and ot.state == optuna.trial.TrialState.PRUNED
+
+
+@pytest.mark.slow
+def test_mlflow_runs_read_well(searched):
+    """Trial runs are named by number and searched values; stopping early is not a failure; the parent run holds
+    the search's outcome as metrics and its setup as params, not the base config's values of searched fields."""
+    from mlflow import MlflowClient
+
+    result, _ = searched
+    uri = result.tracking_uri
+    client = MlflowClient(uri, registry_uri=uri)
+    for t in result.trials:
+        run = next(c for c in tracking.child_runs(uri, result.parent_run_id) if c.tags["drcaps.trial_id"] == t.trial_id)
+        name = client.get_run(run.run_id).info.run_name
+        assert name.startswith(f"trial {t.number} ") and "lr=" in name and "units=" in name
+        assert run.status == "FINISHED" and run.tags["drcaps.outcome"] == t.outcome
+    parent = client.get_run(result.parent_run_id)
+    m = parent.data.metrics
+    assert math.isclose(m["best_val_acc"], result.best.metric)
+    assert m["trials_finished"] + m["trials_stopped_early"] + m["trials_failed"] == 4
+    assert m["trial_epochs"] == sum(t.epochs for t in result.trials) and m["wall_time_s"] > 0
+    assert "train.lr" not in parent.data.params and parent.data.params["space.train.lr"].startswith("float [")
+    assert parent.data.tags["drcaps.best.train.lr"] == str(result.best.params["train.lr"])
+    version = client.get_model_version_by_alias("e2e-capsnet", "best")
+    assert version.run_id == result.best_run_id and result.study_name in version.description
+    # The SQL registry keeps no model_id on a version: its source is models:/<logged model id>.
+    logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
+    linked = json.loads(logged.tags["mlflow.modelVersions"])
+    assert ("e2e-capsnet", str(version.version)) in {(v["name"], str(v["version"])) for v in linked}
 
 
 def test_same_seed_proposes_the_same_first_configurations(tmp_path):
