@@ -1,11 +1,17 @@
-# One image for the Ray head, the Ray workers and the MLflow server of docker-compose.yml.
-# Not built on the development machines (no Docker engine there); see docs/notes.md.
+# One image for every service of docker-compose.yml that runs drcaps code: the Ray head, the Ray workers and the MLflow
+# server (docs/cluster.md). Python 3.11 as on the host, the exact versions of constraints.txt (a Ray Client must match
+# the cluster's Ray and Python), psycopg2 for the PostgreSQL stores. torch from PyPI is the CUDA build: the same image
+# runs CPU-only and GPU workers.
 FROM python:3.11-slim
 WORKDIR /opt/drcaps
-RUN apt-get update && apt-get install -y --no-install-recommends git && rm -rf /var/lib/apt/lists/*
+# Dependencies first, from the project metadata alone, so that editing the code re-runs only the last, small layer.
 COPY pyproject.toml constraints.txt README.md ./
+RUN mkdir -p drcapsnet search && touch drcapsnet/__init__.py search/__init__.py \
+    && pip install --no-cache-dir -c constraints.txt ".[cluster,dashboard]" \
+    && pip uninstall -y -q drcaps
 COPY drcapsnet ./drcapsnet
 COPY search ./search
 COPY experiments ./experiments
-RUN pip install --no-cache-dir -c constraints.txt . optuna-dashboard
+RUN pip install --no-cache-dir --no-deps . && drcaps --help >/dev/null
+ENV RAY_USAGE_STATS_ENABLED=0
 WORKDIR /work
