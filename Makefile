@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-fast lint bench install
+.PHONY: demo test test-fast test-services lint bench install
 
 install: $(STAMP)
 
@@ -15,12 +15,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)  ## the main job: a small search on the bundled digits, then export of the best config
 	$(VENV)/bin/drcaps search experiments/quickstart.yaml
 
-test: $(STAMP)  ## everything CI runs: lint + the whole suite, slow end-to-end tests included
+test: $(STAMP) test-services  ## everything CI runs: lint + the whole suite, slow end-to-end tests included
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+test-services:  ## what the end-to-end tests need beside the venv: a Docker engine + base images, Debian's Chromium
+	bash docker/ensure-docker.sh
+	sh scripts/setup-browser.sh
 
 test-fast: $(STAMP)  ## the suite without the slow end-to-end tests
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
