@@ -153,13 +153,39 @@ def _study_from_mlflow(data: SearchData) -> optuna.Study:
     return study
 
 
+def _counting_stopped_trials(study: optuna.Study) -> optuna.Study:
+    """An in-memory copy of ``study`` in which each trial stopped early (PRUNED) counts as completed with its best
+    intermediate value: what parallel coordinates and importances can use when fewer than 2 trials completed."""
+    import optuna
+
+    done, stopped = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    copy = optuna.create_study(direction=study.direction)
+    for t in study.trials:
+        if t.state == done:
+            copy.add_trial(t)
+        elif t.state == stopped and t.intermediate_values:
+            copy.add_trial(optuna.trial.create_trial(
+                params=t.params, distributions=t.distributions, value=best(t.intermediate_values.values()),
+                intermediate_values=t.intermediate_values, user_attrs=t.user_attrs))
+    return copy
+
+
 def _study_sections(study: optuna.Study, metric: str, source: str) -> list[Section]:
+    import optuna
     from optuna import visualization as ov
 
-    def made(key: str, title: str, caption: str, plot: Callable[[], go.Figure]) -> Section:
+    completed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    scored, scored_note = study, ""
+    if completed < 2:
+        scored = _counting_stopped_trials(study)
+        scored_note = (f" Only {completed} trial ran every epoch, so the trials stopped early are counted here "
+                       f"with their best {metric}.")
+
+    def made(key: str, title: str, caption: str, plot: Callable[[], go.Figure], note: str = "") -> Section:
         try:
-            return Section(key, title, caption, plot(), f"From the {source}.")
-        except (ValueError, RuntimeError) as e:            # e.g. importances need completed trials
+            return Section(key, title, caption, plot(), f"From the {source}.{note}")
+        except (ValueError, RuntimeError) as e:            # e.g. importances need two scored trials
             return Section(key, title, caption, None, f"Not drawn: {e}")
 
     return [
@@ -168,11 +194,12 @@ def _study_sections(study: optuna.Study, metric: str, source: str) -> list[Secti
              "on its first proposals?", lambda: ov.plot_optimization_history(study, target_name=metric)),
         made("parallel_coordinates", "Parallel coordinates",
              f"One line per completed trial through its searched values, coloured by {metric}: which regions of the "
-             "space the good trials share.", lambda: ov.plot_parallel_coordinate(study, target_name=metric)),
+             "space the good trials share.", lambda: ov.plot_parallel_coordinate(scored, target_name=metric),
+             scored_note),
         made("param_importances", "Hyperparameter importance",
              f"How much of the variation in {metric} over the completed trials each searched parameter explains "
              "(Optuna's default importance evaluator).",
-             lambda: ov.plot_param_importances(study, target_name=metric)),
+             lambda: ov.plot_param_importances(scored, target_name=metric), scored_note),
     ]
 
 

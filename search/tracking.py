@@ -472,3 +472,15 @@ def get_run(uri: str, run_id: str) -> RunRecord:
 def log_run_artifact(uri: str, run_id: str, local_path: Path, artifact_path: str | None = None) -> None:
     """Log one local file to any run (e.g. the report, to a search's parent run after it ended)."""
     _retry(lambda: _client(uri).log_artifact(run_id, str(local_path), artifact_path))
+
+
+def model_version(uri: str, name: str, alias: str) -> dict[str, str]:
+    """The registered version ``name@alias``: its version, run id, source URI and logged model id (if any)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        v = _client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        raise TrackingError(f"no model version {name}@{alias} at {uri}: {e.message}") from e
+    model_id = v.model_id or (v.source.removeprefix("models:/") if v.source.startswith("models:/m-") else "")
+    return {"version": str(v.version), "run_id": v.run_id or "", "source": v.source, "model_id": model_id or ""}
