@@ -1,0 +1,217 @@
+"""search.report end to end: a real small search (local Ray, Optuna in SQLite, MLflow in SQLite), then its report,
+read back from the HTML file exactly as the page draws it (each figure's JSON, images decoded)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from search import tracking
+from search.cli import main
+from search.experiment import experiment_from_dict
+from search.report import FIGURES, REPORT_ARTIFACT, report_search
+from search.tune import SearchResult, run_search
+
+TILE = 28 + 2                       # an MNIST-sized image and make_grid's padding
+
+
+def _experiment(tmp: Path) -> Any:
+    raw = {
+        "name": "e2e-report",
+        "model": {"preset": "tiny", "units": 16},          # the paper's 16-dimensional class capsules
+        "data": {"dataset": "digits", "batch_size": 32, "limit_train": 400, "shift_pixels": 0},
+        "train": {"epochs": 2, "device": "cpu", "optimizer": "adam"},
+        "search": {"num_samples": 5, "max_concurrent": 2, "seed": 3, "resources": {"cpu": 1},
+                   "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+                   "space": {"model.routing_iterations": {"type": "int", "low": 2, "high": 3},
+                             "train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "e2e-report"},
+    }
+    return experiment_from_dict(raw, base_dir=tmp)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path]:
+    import ray
+
+    tmp = tmp_path_factory.mktemp("report")
+    try:
+        result = run_search(_experiment(tmp), storage_path=tmp / "ray", verbose=0)
+    finally:
+        ray.shutdown()
+    return result, tmp
+
+
+class _Figures(HTMLParser):
+    """The ``<script type="application/json" class="drcaps-figure" data-key=...>`` blocks of a report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.figures: dict[str, dict[str, Any]] = {}
+        self.sections: list[str] = []
+        self._key: str | None = None
+        self.external_scripts: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "script" and a.get("class") == "drcaps-figure":
+            self._key = a["data-key"]
+        if tag == "script" and a.get("src"):
+            self.external_scripts.append(a["src"] or "")
+        if tag == "section":
+            self.sections.append(a["id"] or "")
+
+    def handle_data(self, data: str) -> None:
+        if self._key is not None:
+            self.figures[self._key] = json.loads(data)
+            self._key = None
+
+
+def _values(array: Any) -> list[float]:
+    """A plotly JSON array: a list, or numpy's typed-array form ``{"dtype": "f8", "bdata": base64}``."""
+    import numpy as np
+
+    if isinstance(array, dict) and "bdata" in array:
+        flat = np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
+        return flat.astype(float).tolist()
+    return list(np.asarray(array, dtype=object).ravel())
+
+
+def _points(trace: dict[str, Any]) -> int:
+    """How many data points a trace draws (its x/y/z arrays, or an image's pixels)."""
+    if trace.get("type") == "image":
+        return _image(trace).width * _image(trace).height
+    return max(len(_values(trace.get(axis, []))) for axis in ("x", "y", "z"))
+
+
+def _image(trace: dict[str, Any]) -> Any:
+    from PIL import Image
+
+    header, data = trace["source"].split(",", 1)
+    assert header == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+@pytest.fixture(scope="module")
+def report(searched: tuple[SearchResult, Path]) -> tuple[_Figures, str, Path]:
+    """``drcaps report e2e-report`` through the CLI, read back."""
+    result, tmp = searched
+    out = tmp / "report.html"
+    assert main(["report", "e2e-report", "--tracking-uri", result.tracking_uri, "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    parsed = _Figures()
+    parsed.feed(text)
+    return parsed, text, out
+
+
+@pytest.mark.slow
+def test_report_holds_every_figure_each_with_points(report):
+    parsed, text, _ = report
+    assert parsed.sections == list(FIGURES)
+    assert set(parsed.figures) == set(FIGURES), f"missing: {set(FIGURES) - set(parsed.figures)}"
+    for key, figure in parsed.figures.items():
+        assert figure["data"], f"{key}: no traces"
+        assert sum(_points(t) for t in figure["data"]) > 0, f"{key}: no points"
+    assert "Not drawn" not in text
+
+
+@pytest.mark.slow
+def test_report_works_offline(report):
+    parsed, text, _ = report
+    assert parsed.external_scripts == []                    # no CDN: plotly.js is inline
+    assert "Plotly.newPlot" in text and len(text) > 3_000_000
+
+
+@pytest.mark.slow
+def test_study_figures_cover_every_trial_and_searched_parameter(report, searched):
+    import optuna
+
+    parsed, _, _ = report
+    result, _ = searched
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage_url)
+    completed = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    history = parsed.figures["optimization_history"]["data"]
+    shown = sorted(float(v) for t in history if t.get("mode") == "markers" for v in _values(t["y"]))
+    assert shown == sorted(t.value for t in completed)
+    axes = parsed.figures["parallel_coordinates"]["layout"]["xaxis"]["ticktext"]   # Optuna's lines over axes
+    assert len(axes) == 3 and "train.lr" in axes and any(a.startswith("model.routing") for a in axes)
+    importances = parsed.figures["param_importances"]["data"][0]
+    assert sorted(_values(importances["y"])) == ["model.routing_iterations", "train.lr"]
+
+
+@pytest.mark.slow
+def test_learning_curves_follow_mlflow_and_mark_stopped_trials(report, searched):
+    parsed, _, _ = report
+    result, _ = searched
+    traces = parsed.figures["learning_curves"]["data"]
+    runs = tracking.child_runs(result.tracking_uri, result.parent_run_id)
+    assert len(traces) == len(runs)                          # 5 trials: all within the top 10
+    by_epochs = {}
+    for run in runs:
+        history = tracking.metric_history(result.tracking_uri, run.run_id, "val_acc")
+        by_epochs.setdefault(len(history), []).append([v for _, v in history])
+    for trace in traces:
+        ys = [float(v) for v in _values(trace["y"])]
+        assert ys in by_epochs[len(ys)]                      # the trial's MLflow history, epoch by epoch
+        stopped = len(ys) < 2
+        assert (trace["line"]["dash"] != "solid") == stopped, trace["name"]
+        assert (trace["marker"]["symbol"] != "circle") == stopped, trace["name"]
+
+
+@pytest.mark.slow
+def test_model_figures_describe_the_best_model_on_the_test_split(report, searched):
+    from drcapsnet.data import load_datasets
+
+    parsed, _, _ = report
+    result, _ = searched
+    n_test = len(load_datasets(result.best_config.data).test)
+    cm = parsed.figures["confusion_matrix"]["data"][0]
+    counts = _values(cm["z"])                                # 10 x 10, row-major
+    assert len(counts) == 100 and sum(counts) == n_test
+    lengths = parsed.figures["capsule_lengths"]["data"]
+    assert sum(len(_values(t["x"])) for t in lengths) == n_test
+    assert {t["name"] for t in lengths} <= {"correct", "wrong"}
+    assert all(0 <= v < 1 for t in lengths for v in _values(t["x"]))
+    entropy = parsed.figures["coupling_entropy"]["data"][0]
+    iterations = {int(v) for v in _values(entropy["x"])}
+    assert iterations == set(range(1, result.best_config.model.routing_iterations + 1))
+    values = [float(v) for v in _values(entropy["y"])]
+    assert all(math.isfinite(v) and -1e-6 <= v <= math.log(10) + 1e-6 for v in values)
+
+
+@pytest.mark.slow
+def test_reconstructions_and_perturbation_grid_are_tiled_images(report):
+    import numpy as np
+
+    parsed, _, _ = report
+    rec = _image(parsed.figures["reconstructions"]["data"][0])
+    assert (rec.width, rec.height) == (10 * TILE + 2, 2 * TILE + 2)          # 10 inputs over 10 reconstructions
+    grid = _image(parsed.figures["perturbation_grid"]["data"][0])
+    assert (grid.width, grid.height) == (11 * TILE + 2, 16 * TILE + 2)       # 16 dimensions x 11 steps
+    assert len(np.unique(np.asarray(grid))) > 2                               # decoded strokes, not a blank page
+
+
+@pytest.mark.slow
+def test_report_search_logs_the_report_to_the_parent_run(searched, tmp_path):
+    result, _ = searched
+    path = report_search(result.tracking_uri, "e2e-report", result.parent_run_id, tmp_path / "report.html")
+    got = tracking.download_artifacts(result.tracking_uri, result.parent_run_id, f"{REPORT_ARTIFACT}/report.html",
+                                      tmp_path / "downloaded")
+    assert got.read_bytes() == path.read_bytes()
+
+
+def test_report_of_a_missing_experiment_is_one_error_line(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.ensure_experiment(uri, "other")
+    capsys.readouterr()                                   # MLflow's "creating tables" lines
+    code = main(["report", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "r.html")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "'nope'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()
