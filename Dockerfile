@@ -14,4 +14,7 @@ COPY search ./search
 COPY experiments ./experiments
 RUN pip install --no-cache-dir --no-deps . && drcaps --help >/dev/null
 ENV RAY_USAGE_STATS_ENABLED=0
+# The working folder of every service: `drcaps search experiments/quickstart.yaml` finds the bundled experiments,
+# and the export lands here; /work/drcaps-runs is Ray's storage (the compose `runs` volume).
+RUN mkdir -p /work && ln -s /opt/drcaps/experiments /work/experiments
 WORKDIR /work
