@@ -212,7 +212,11 @@ class SearchProgress:
             self._live.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:        # the search is over (e.g. its time budget): what still ran was stopped
+            for key, t in self.trials.items():
+                if t.outcome == "running":
+                    self.ended(key, "stopped_early")
         if self._live is not None:
             self._refresh()
             self._live.__exit__(None, None, None)
@@ -228,7 +232,8 @@ def summary_lines(result: Any, *, export_path: Any, csv_path: Any, links: Mappin
     s = result.experiment.search
     names = list(s.space)
     header = ["rank", "trial", s.metric, "epochs", "outcome", *(short_name(n) for n in names)]
-    rows = [[str(i), str(t.number if t.number is not None else t.trial_id), f"{t.metric:.4f}", str(t.epochs),
+    rows = [[str(i), str(t.number if t.number is not None else t.trial_id),
+             f"{t.metric:.4f}" if math.isfinite(t.metric) else "-", str(t.epochs),
              t.outcome, *(format_value(t.params.get(n)) for n in names)]
             for i, t in enumerate(result.trials[:top], start=1)]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
