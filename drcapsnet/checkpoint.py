@@ -49,7 +49,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # any unpickling failure means "not our checkpoint"
-        reason = f"{type(e).__name__}: {e}"
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        reason = f"{type(e).__name__}: {first[:120]}"                   # one line: torch's messages run long
         raise CheckpointError(f"checkpoint: {path} is not a readable drcaps checkpoint ({reason})") from e
     if not isinstance(state, dict) or not {"model", "config", "epoch"} <= state.keys():
         raise CheckpointError(f"checkpoint: {path} is not a drcaps checkpoint (missing model/config/epoch)")

@@ -163,6 +163,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
 
         if epoch % train_cfg.eval_interval == 0 or epoch == train_cfg.epochs:
             val_loss, val_acc = evaluate(model, data.val, data_cfg.batch_size, device=device, bf16=train_cfg.bf16)
+            if not math.isfinite(val_loss):                       # the last step's weights are NaN/inf already
+                raise DivergedError(epoch, f"val_loss is {val_loss}")
             metrics.update(val_loss=val_loss, val_acc=val_acc)
             improved = val_acc > best_val_acc
             if improved:

@@ -1,16 +1,32 @@
 """``drcaps``: a thin command line over the library. Each command parses, calls library functions, and returns an
 exit code: 0 done, 2 the user's mistake (one ``error: ...`` line naming the bad value and the fix, before any work
-starts), anything unexpected propagates with its traceback.
+starts), 1 a run that failed (diverged, every trial failed, an export that could not be written), 130 interrupted
+(Ctrl-C or SIGTERM). Only :class:`DrcapsError` s are mapped (``EXIT_CODES``); anything else is a bug and propagates
+with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from drcapsnet.errors import (
+    BusyError,
+    CheckpointError,
+    ClusterError,
+    ConfigError,
+    DataError,
+    DivergedError,
+    DrcapsError,
+    SearchFailedError,
+    TrackingError,
+    UsageError,
+)
 from search import commands
 
 
@@ -88,11 +104,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["yaml", "json"], help="default: from --out's suffix, else yaml")
     p.add_argument("--csv", type=Path, help="also write every trial of the search as a CSV (pandas)")
 
-    p = sub.add_parser("report", help="write the HTML report (plots, capsule diagnostics) of a search")
-    p.add_argument("experiment", help="MLflow experiment name (the experiment file's name); its latest search")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in this folder)")
-    p.add_argument("--out", type=Path, help="the HTML file to write (default: <experiment>.report.html here)")
-
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the local store")
     p.add_argument("--tracking-uri")
     p.add_argument("--port", type=int, default=5000)
@@ -115,21 +126,47 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.set)
 
 
+# Every DrcapsError subclass -> its exit code; the most specific class listed wins. Not listed: 2.
+EXIT_CODES: dict[type[DrcapsError], int] = {
+    DivergedError: 1,        # training ran and went NaN: not a bad input, but the run failed
+    SearchFailedError: 1,    # the search ran; no usable result, or its end could not be written (message: where)
+    ConfigError: 2, DataError: 2, CheckpointError: 2, TrackingError: 2, ClusterError: 2, UsageError: 2,
+    BusyError: 2,
+}
+
+
+def exit_code(error: DrcapsError) -> int:
+    return next((code for cls in type(error).__mro__ for c, code in EXIT_CODES.items() if c is cls), 2)
+
+
+def one_line(error: DrcapsError) -> str:
+    """``error: ...``: a ConfigError of one problem ("source:" then "  key: problem") becomes one line."""
+    header, *issues = str(error).split("\n")
+    return f"error: {header} {issues[0].strip()}" if len(issues) == 1 else f"error: {error}"
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt          # SIGTERM stops a command the way Ctrl-C does (state saved, exit 130)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"train": commands.train_command, "evaluate": commands.evaluate_command,
                "validate": commands.validate_command, "search": commands.search_command,
-               "export-best": commands.export_best_command, "report": commands.report_command,
-               "ui": commands.ui_command}[args.command]
+               "export-best": commands.export_best_command, "ui": commands.ui_command}[args.command]
+    previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return handler(args, run_overrides(args) if args.command == "train" else list(getattr(args, "set", [])))
-    except commands.UserError as e:
-        header, *issues = str(e).split("\n")          # a ConfigError: "source:" then one "  key: problem" per line
-        print(f"error: {header} {issues[0].strip()}" if len(issues) == 1 else f"error: {e}", file=sys.stderr)
-        return 2
+    except DrcapsError as e:
+        print(one_line(e), file=sys.stderr)
+        return exit_code(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

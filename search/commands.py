@@ -1,6 +1,6 @@
-"""What each ``drcaps`` command does, over library functions. Setup problems (config, flags, data path, checkpoint,
-tracking server, cluster address) become :class:`UserError` BEFORE any work starts; ``cli.main`` prints them as one
-``error: ...`` line with exit code 2.
+"""What each ``drcaps`` command does, over library functions. Every check that can be made before work starts is
+made first and raises a :class:`~drcapsnet.errors.DrcapsError` (``search/cli.py`` maps it to an exit code and one
+``error: ...`` line); anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -17,28 +17,29 @@ from pathlib import Path
 from typing import Any
 
 from drcapsnet.config import RunConfig
+from drcapsnet.errors import ConfigError, UsageError
+from search.preflight import writable_file_problem, writable_folder_problem
 
 DATASET_SHAPES = {"cifar10": (3, 32)}   # (channels, image size) where it is not MNIST's (1, 28)
+SHAPE_FIELDS = ("in_channels", "image_size", "num_classes")   # model fields the data alone decides
 
-
-class UserError(Exception):
-    """The user's mistake, said in one line that names the bad value and the fix."""
+UserError = UsageError   # the name earlier commands used for "the user's mistake"
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's "your input is wrong" exceptions into :class:`UserError`."""
-    from drcapsnet.checkpoint import CheckpointError
-    from drcapsnet.data import DataError
-    from search.experiment import ConfigError
-    from search.tracking import TrackingError
+    """Kept for commands written against the old contract: every library input error is now a DrcapsError, which
+    ``cli.main`` maps to an exit code, so nothing needs translating here (and a plain ValueError is a bug)."""
+    yield
 
-    try:
-        yield
-    except (ConfigError, DataError, CheckpointError, TrackingError) as e:
-        raise UserError(str(e)) from None
-    except ValueError as e:            # config dataclasses: "section.key: must be ..., got ..."
-        raise UserError(str(e)) from None
+
+def _check_output(flag: str, path: Path | None, folder: bool = False) -> None:
+    """An output the command will write must be writable BEFORE any work (a file, or a folder with ``folder``)."""
+    if path is None:
+        return
+    problem = writable_folder_problem(path) if folder else writable_file_problem(path)
+    if problem:
+        raise UsageError(f"{flag}: cannot write {path}: {problem}; pass a writable path")
 
 
 def _fit_model_to_dataset(run: RunConfig) -> RunConfig:
@@ -67,26 +68,27 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from drcapsnet.train import check_compatible, resolve_device, train
     from search.experiment import load_run_config, run_config_from_dict
 
-    with user_errors():
-        state = load_checkpoint(args.load_model) if args.load_model is not None else None
-        if state is not None and args.config is None:     # resume: the checkpoint's config, then the flags
-            run = run_config_from_dict(state["config"], source=str(args.load_model), overrides=overrides)
-        else:
-            run = load_run_config(args.config, overrides)
-        run = _fit_model_to_dataset(run)
-        resolve_device(run.train.device)
-        if state is not None:
-            saved = RunConfig.from_dict(state["config"]).model
-            changed = [f"model.{f.name}={getattr(run.model, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
-                       for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(run.model, f.name)]
-            if changed:
-                raise UserError(f"--load-model: {args.load_model} holds another model: {', '.join(changed)}; "
-                                "drop the flags that change the model, or train a new one without --load-model")
-            if state["epoch"] >= run.train.epochs:
-                raise UserError(f"--epochs: {args.load_model} already holds {state['epoch']} epochs; "
-                                f"pass --epochs N with N > {state['epoch']} to train further")
-        datasets = load_datasets(run.data)
-        check_compatible(run.model, datasets)
+    _check_output("--save-model", args.save_model)
+    _check_output("--checkpoint-dir", args.checkpoint_dir, folder=True)
+    state = load_checkpoint(args.load_model) if args.load_model is not None else None
+    if state is not None and args.config is None:     # resume: the checkpoint's config, then the flags
+        run = run_config_from_dict(state["config"], source=str(args.load_model), overrides=overrides)
+    else:
+        run = load_run_config(args.config, overrides)
+    run = _fit_model_to_dataset(run)
+    resolve_device(run.train.device)
+    if state is not None:
+        saved = RunConfig.from_dict(state["config"]).model
+        changed = [f"model.{f.name}={getattr(run.model, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+                   for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(run.model, f.name)]
+        if changed:
+            raise ConfigError(f"--load-model: {args.load_model} holds another model: {', '.join(changed)}; "
+                              "drop the flags that change the model, or train a new one without --load-model")
+        if state["epoch"] >= run.train.epochs:
+            raise ConfigError(f"--epochs: {args.load_model} already holds {state['epoch']} epochs; "
+                              f"pass --epochs N with N > {state['epoch']} to train further")
+    datasets = load_datasets(run.data)
+    check_compatible(run.model, datasets)
     print(f"training {run.model.routing} routing x{run.model.routing_iterations}, units {run.model.units} on "
           f"{run.data.dataset}: {len(datasets.train)} train / {len(datasets.val)} val / {len(datasets.test)} test")
     with tempfile.TemporaryDirectory(prefix="drcaps-train-") as tmp:
@@ -111,28 +113,29 @@ def evaluate_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from drcapsnet.data import iterate_batches, load_datasets
     from search import tracking
 
-    with user_errors():
-        if args.checkpoint is not None:
-            capsnet, run, _ = load_model(args.checkpoint)
-            model: torch.nn.Module = capsnet
-            data_cfg = run.data
-            cfg = capsnet.cfg
-        else:
-            uri = tracking.resolve_tracking_uri(args.tracking_uri)
-            tracking.check_tracking_uri(uri)
-            model = tracking.load_model(uri, args.model_uri)
-            cfg = model.capsnet.cfg
-            data_cfg = DataConfig()
-        changes: dict[str, Any] = {"limit_train": None}
-        if args.dataset:
-            changes["dataset"] = args.dataset
-        if args.data_dir:
-            changes["data_dir"] = os.path.abspath(args.data_dir)
-        data_cfg = dataclasses.replace(data_cfg, **changes)
-        datasets = load_datasets(data_cfg)
-        if (datasets.in_channels, datasets.image_size) != (cfg.in_channels, cfg.image_size):
-            raise UserError(f"--dataset: {data_cfg.dataset} has {datasets.in_channels}x{datasets.image_size}px "
-                            f"images but the model takes {cfg.in_channels}x{cfg.image_size}px; pick a matching dataset")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: must be an integer >= 1, got {args.batch_size}")
+    if args.checkpoint is not None:
+        capsnet, run, _ = load_model(args.checkpoint)
+        model: torch.nn.Module = capsnet
+        data_cfg = run.data
+        cfg = capsnet.cfg
+    else:
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.check_store_exists(uri)     # reading never creates an empty store
+        model = tracking.load_model(uri, args.model_uri)
+        cfg = model.capsnet.cfg
+        data_cfg = DataConfig()
+    changes: dict[str, Any] = {"limit_train": None}
+    if args.dataset:
+        changes["dataset"] = args.dataset
+    if args.data_dir:
+        changes["data_dir"] = os.path.abspath(args.data_dir)
+    data_cfg = dataclasses.replace(data_cfg, **changes)
+    datasets = load_datasets(data_cfg)
+    if (datasets.in_channels, datasets.image_size) != (cfg.in_channels, cfg.image_size):
+        raise ConfigError(f"--dataset: {data_cfg.dataset} has {datasets.in_channels}x{datasets.image_size}px "
+                          f"images but the model takes {cfg.in_channels}x{cfg.image_size}px; pick a matching dataset")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.no_cuda else "cpu")
     model = model.to(device).eval()
     split = getattr(datasets, args.split).to(device)
@@ -152,8 +155,9 @@ def validate_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from search.experiment import load_experiment
     from search.space import sample_space
 
-    with user_errors():
-        exp = load_experiment(args.experiment, overrides)
+    if args.show_samples < 0:
+        raise UsageError(f"--show-samples: must be an integer >= 0, got {args.show_samples}")
+    exp = load_experiment(args.experiment, overrides)
     s = exp.search
     print(f"ok: {args.experiment} (experiment '{exp.name}': {s.num_samples} trials, {s.sampler} sampler, "
           f"{s.scheduler.name} scheduler, {len(s.space)} searched fields: {', '.join(s.space)})")
@@ -163,12 +167,23 @@ def validate_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _preflight_data(run: RunConfig) -> None:
-    """Bad data paths fail here, in one line, not inside every trial."""
+def _preflight_data(run: RunConfig, space: dict[str, Any]) -> None:
+    """Load the data once up front (a torchvision dataset is downloaded here, once, not by every trial) and check
+    that the model and every value the search may propose fit it."""
     from drcapsnet.data import load_datasets
+    from drcapsnet.train import check_compatible
 
-    if run.data.dataset in ("digits", "idx") or not run.data.download:
-        load_datasets(run.data)
+    datasets = load_datasets(run.data)
+    check_compatible(run.model, datasets)
+    for name in SHAPE_FIELDS:
+        spec = space.get(f"model.{name}")
+        if spec is None:
+            continue
+        want = getattr(datasets, name)
+        values = list(spec.choices) if spec.type == "categorical" else [spec.low, spec.high]
+        if any(v != want for v in values):
+            raise ConfigError(f"search.space.model.{name}: the data ({run.data.dataset}) fixes model.{name} at "
+                              f"{want}, but the space proposes {values}; remove model.{name} from search.space")
 
 
 def export_from_tracking(uri: str, experiment: str, out: Path, fmt: str | None = None,
@@ -182,7 +197,7 @@ def export_from_tracking(uri: str, experiment: str, out: Path, fmt: str | None =
 
     parent = tracking.latest_search_run(uri, experiment)
     if parent is None:
-        raise UserError(f"--experiment: no search of '{experiment}' in {uri}; run 'drcaps search' first, "
+        raise tracking.TrackingError(f"--experiment: no search of '{experiment}' in {uri}; run 'drcaps search' first, "
                         "or pass the --tracking-uri the search used")
     source = json.loads(tracking.read_text_artifact(uri, parent.run_id, "resolved_experiment.json"))
     exp = experiment_from_dict(source, source=f"run {parent.run_id}")
@@ -204,11 +219,21 @@ def _print_ranking(result: Any, top: int = 10) -> None:
     names = list(result.experiment.search.space)
     print(f"\ntop trials by {metric} ({len(result.trials)} run):")
     header = ["rank", "trial", metric, "epochs", "outcome", *names]
-    rows = [[str(i), t.trial_id, f"{t.metric:.4f}", str(t.epochs), t.outcome,
+    rows = [[str(i), t.trial_id, f"{t.metric:.4f}", str(t.epochs), _outcome(t),
              *(_fmt(t.params.get(n)) for n in names)] for i, t in enumerate(result.trials[:top], start=1)]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     for r in [header, *rows]:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
+
+
+def _outcome(trial: Any) -> str:
+    """``failed: diverged at epoch 3`` for a failed trial: the last line of its error, without the type name."""
+    if trial.outcome != "failed" or not trial.error:
+        return trial.outcome
+    last = [line.strip() for line in str(trial.error).splitlines() if line.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    reason = rest if sep and head.replace(".", "").replace("_", "").isalnum() and " " not in head else last
+    return f"failed: {reason.split(';')[0][:60]}"
 
 
 def _fmt(value: Any) -> str:
@@ -216,50 +241,71 @@ def _fmt(value: Any) -> str:
 
 
 def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
-    from search import tracking
+    from search import preflight, tracking
     from search.experiment import load_experiment
-    from search.tune import ClusterError, run_search
+    from search.export import best_experiment, export_best
+    from search.tune import check_search, run_search, smoke_experiment
 
-    with user_errors():
-        exp = load_experiment(args.experiment, overrides)
-        uri = tracking.resolve_tracking_uri(args.tracking_uri or exp.tracking.uri)
-        tracking.check_tracking_uri(uri)
-        _preflight_data(exp.run)
+    exp = load_experiment(args.experiment, overrides)
+    checked = smoke_experiment(exp) if args.smoke_test else exp   # names, folders and export of what will run
+    uri = tracking.resolve_tracking_uri(args.tracking_uri or exp.tracking.uri)
+    storage_root = Path(args.storage_path or Path.cwd() / "drcaps-runs").resolve()
+    out = (args.out or Path.cwd() / f"{checked.name}.best.yaml").resolve()
+    csv = out.with_suffix(".trials.csv")
+    _check_output("--out", out)
+    _check_output("--out", csv)
+    check_search(checked, uri, storage_root, args.resume)
+    preflight.check_address(args.address)
+    _preflight_data(checked.run, dict(checked.search.space))
     try:
-        result = run_search(exp, address=args.address, tracking_uri=uri, storage_path=args.storage_path,
+        result = run_search(exp, address=args.address, tracking_uri=uri, storage_path=storage_root,
                             resume=args.resume, smoke_test=args.smoke_test)
-    except ClusterError as e:
-        raise UserError(str(e)) from None
     except KeyboardInterrupt:
         again = f"drcaps search {args.experiment} --resume" + "".join(
             f" {flag} {value}" for flag, value in (("--storage-path", args.storage_path),
                                                    ("--tracking-uri", args.tracking_uri),
-                                                   ("--address", args.address)) if value)
+                                                   ("--address", args.address)) if value) + (
+            " --smoke-test" if args.smoke_test else "")
         print(f"interrupted: the search's state is saved; continue it with\n  {again}", file=sys.stderr)
         return 130
     _print_ranking(result)
-    out = (args.out or Path.cwd() / f"{exp.name}.best.yaml").resolve()
-    path, _ = export_from_tracking(uri, exp.mlflow_experiment, out, csv=out.with_suffix(".trials.csv"))
     best = result.best
+    chosen = best_experiment(result.experiment, best.params, metrics=best.metrics, run_id=result.best_run_id,
+                             model_uri=result.model_uri, trial_id=best.trial_id)
     print(f"\nbest trial {best.trial_id}: {exp.search.metric} = {best.metric:.4f} after {best.epochs} epochs")
     for name, value in best.params.items():
         print(f"  {name} = {_fmt(value)}")
-    print(f"exported best config: {path}  (all trials: {out.with_suffix('.trials.csv')})")
+    code = 0
+    try:                      # the search is recorded; a failed export must not lose it
+        path = export_best(chosen, out)
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        tracking.trials_dataframe(uri, result.parent_run_id).to_csv(csv, index=False)
+        print(f"exported best config: {path}  (all trials: {csv})")
+    except OSError as e:
+        name = result.experiment.mlflow_experiment
+        print(f"error: --out: could not write {out} ({e.strerror or e}); the search is recorded in MLflow (parent "
+              f"run {result.parent_run_id} at {uri}): drcaps export-best --experiment {name} --tracking-uri {uri} "
+              "--out FILE", file=sys.stderr)
+        path, code = out, 1
+    for problem in result.problems:
+        print(f"warning: {problem}", file=sys.stderr)
     if result.model_uri:
         print(f"registered model: {result.model_uri}")
-    print(f"retrain from it:   drcaps train --config {path}")
+    if code == 0:
+        print(f"retrain from it:   drcaps train --config {path}")
     ui = "drcaps ui" if args.tracking_uri is None and exp.tracking.uri is None else f"drcaps ui --tracking-uri {uri}"
     print(f"open the MLflow UI: {ui}   (then http://127.0.0.1:5000)")
-    return 0
+    return code
 
 
 def export_best_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from search import tracking
 
-    with user_errors():
-        uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        tracking.check_tracking_uri(uri)
-        path, chosen = export_from_tracking(uri, args.experiment, args.out.resolve(), args.format, args.csv)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_store_exists(uri)             # reading never creates an empty store
+    _check_output("--out", args.out.resolve())
+    _check_output("--csv", args.csv.resolve() if args.csv else None)
+    path, chosen = export_from_tracking(uri, args.experiment, args.out.resolve(), args.format, args.csv)
     result = chosen.result or {}
     print(f"exported best config of '{args.experiment}' (run {result.get('mlflow_run_id')}): {path}")
     if args.csv:
@@ -267,34 +313,19 @@ def export_best_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def report_command(args: argparse.Namespace, overrides: list[str]) -> int:
-    from search import tracking
-    from search.report import write_report
-
-    with user_errors():
-        uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        tracking.check_tracking_uri(uri)
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-            raise UserError(f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; run "
-                            "'drcaps search' first or pass the --tracking-uri the search used")
-    out = (args.out or Path.cwd() / f"{args.experiment}.report.html").resolve()
-    try:
-        path = write_report(uri, args.experiment, out)
-    except tracking.TrackingError as e:      # no such experiment or search; not the figures' own errors
-        raise UserError(str(e)) from None
-    print(f"report of the latest search of '{args.experiment}': {path}")
-    return 0
-
-
 def ui_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from search import tracking
 
-    with user_errors():
-        uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise UserError(f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; run "
-                        "'drcaps search experiments/quickstart.yaml' first or pass --tracking-uri")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port: must be in 1..65535, got {args.port}")
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UsageError(f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; run "
+                         "'drcaps search experiments/quickstart.yaml' first or pass --tracking-uri")
+    tracking.check_tracking_uri(uri)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
     print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri} (Ctrl-C to stop)", flush=True)
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)])
     return 0   # not reached: exec replaces this process
+
+

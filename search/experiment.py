@@ -39,6 +39,7 @@ from typing import Any, Literal
 import yaml
 
 from drcapsnet.config import MODEL_PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from drcapsnet.errors import ConfigError  # an experiment is wrong: one problem per line, "path.key: what is wrong"
 
 METRICS: tuple[str, ...] = ("val_acc", "val_loss", "train_loss", "test_acc", "test_loss", "images_per_s", "epoch_s")
 SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp", "qmc")
@@ -52,13 +53,9 @@ _NUMBER_TEXT = re.compile(r"[-+]?(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")  # 
 _KEY_PREFIX = re.compile(r"^([\w.]+?)\.(\w+):")                                # "model.units: ..." -> field "units"
 
 
-class ConfigError(ValueError):
-    """An experiment is wrong. The message lists every problem, one per line, as ``path.key: what is wrong``."""
-
-
 def _fail(cond: bool, message: str) -> None:
     if not cond:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _is_number(value: object) -> bool:
@@ -598,7 +595,10 @@ def _read(path: Path, shown: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{shown}: YAML syntax error: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{shown}: YAML syntax error{where}: {what}; fix the file") from None
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:

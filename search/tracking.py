@@ -9,6 +9,7 @@ Layout: one parent run per search (tag ``drcaps.role=search``), one child run pe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -24,6 +25,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from drcapsnet.errors import TrackingError  # the store cannot be used or lacks what was asked for
+from search import ranking
+from search.preflight import writable_folder_problem
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,8 +49,8 @@ T = TypeVar("T")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used or does not hold what was asked for; the message says which and why."""
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+SMOKE_TAG = "drcaps.smoke_test"   # ="true" on a smoke test's parent run: every "latest"/"best" lookup skips it
 
 
 # ---------------------------------------------------------------- URIs and experiments
@@ -69,9 +74,20 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
 
 
+def sqlite_file_problem(path: Path) -> str | None:
+    """Why a SQLite database cannot be created or written at ``path``, or None. Creates nothing."""
+    if path.is_dir():
+        return f"{path} is a folder, not a database file"
+    if path.exists():
+        return None if os.access(path, os.R_OK | os.W_OK) and os.access(path.parent, os.W_OK) \
+            else f"{path} is not writable"
+    return writable_folder_problem(path.parent)
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before any work: an http(s) server must answer ``/health``; a SQLite file must be absolute and
-    its folder creatable; MLflow's file store (refused by default in 3.x) is rejected with the fix."""
+    """Fail fast, before any work and without writing anything: an http(s) server must answer ``/health``; a
+    SQLite file must be absolute and creatable (or writable); MLflow's file store (refused by default in 3.x) and
+    schemes MLflow has no store for are rejected with the fix."""
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
@@ -87,13 +103,59 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         if str(path) in ("", ":memory:") or not path.is_absolute():
             raise TrackingError(f"tracking.uri: {uri} must name an absolute SQLite file that trial processes "
                                 "can share (use resolve_tracking_uri)")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrackingError(f"tracking.uri: cannot create the folder of {uri}: {e}") from e
+        if problem := sqlite_file_problem(path):
+            raise TrackingError(f"tracking.uri: cannot write the MLflow store {uri}: {problem}; pass "
+                                "--tracking-uri sqlite:///<writable folder>/mlflow.db")
     elif uri.startswith("file:") or "://" not in uri and uri not in ("databricks", "databricks-uc"):
         raise TrackingError(f"tracking.uri: {uri} is an MLflow file store, which MLflow 3.x refuses by default; "
                             f"use sqlite:///<abs path>/{DEFAULT_DB} or an http(s) server")
+    elif uri.split("://", 1)[0].split("+", 1)[0].lower() not in SCHEMES:
+        raise TrackingError(f"tracking.uri: unknown scheme in {uri!r}; use sqlite:///<abs path>/{DEFAULT_DB}, "
+                            f"http(s)://host:port or one of {', '.join(SCHEMES)}")
+
+
+def check_store_exists(uri: str) -> None:
+    """For read-only commands: a SQLite store must already exist (reading must never create an empty one)."""
+    check_tracking_uri(uri)
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise TrackingError(f"--tracking-uri: no MLflow store at {path}; run 'drcaps search' there first, or pass "
+                            "the --tracking-uri the search used")
+
+
+def check_names(experiment: str, registered_model: str) -> None:
+    """The MLflow experiment and registered-model names must be ones MLflow accepts (checked before any run)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_experiment_name, _validate_model_name
+
+    for field, name, check in (("tracking.experiment", experiment, _validate_experiment_name),
+                               ("tracking.registered_model", registered_model, _validate_model_name)):
+        try:
+            check(name)
+        except MlflowException as e:
+            raise TrackingError(f"{field}: MLflow refuses {name!r} ({e.message}); choose another name") from None
+
+
+_SCHEMA_READY: set[str] = set()
+
+
+def _ensure_schema(uri: str) -> None:
+    """Create a new SQLite store's tables under an exclusive lock on its folder: two searches started at once in
+    a fresh folder would otherwise both run MLflow's schema migration and one would crash."""
+    path = _sqlite_path(uri)
+    if path is None or uri in _SCHEMA_READY:
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _retry(lambda: _client(uri).search_experiments(max_results=1))   # creates the tables if missing
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    _SCHEMA_READY.add(uri)
 
 
 @functools.lru_cache(maxsize=16)
@@ -131,6 +193,7 @@ def ensure_experiment(uri: str, name: str) -> str:
     ``<db folder>/mlartifacts/<name>`` (absolute), for a server to the server's default artifact root."""
     from mlflow.exceptions import MlflowException
 
+    _ensure_schema(uri)
     if _client(uri).get_experiment_by_name(name) is None:
         db = _sqlite_path(uri)
         location = None if db is None else (db.parent / DEFAULT_ARTIFACTS / re.sub(r"[^\w.-]+", "_", name)).as_uri()
@@ -407,31 +470,43 @@ def child_runs(uri: str, parent_run_id: str) -> list[RunRecord]:
 
 
 def latest_search_run(uri: str, experiment: str) -> RunRecord | None:
+    """The newest search (parent) run of ``experiment``; smoke tests (tag ``drcaps.smoke_test``) never count."""
     exp_id = _experiment_id(uri, experiment)
-    runs = _client(uri).search_runs([exp_id], "tags.`drcaps.role` = 'search'", max_results=1,
+    runs = _client(uri).search_runs([exp_id], "tags.`drcaps.role` = 'search'", max_results=50,
                                     order_by=["attributes.start_time DESC"])
-    return _record(runs[0]) if runs else None
+    real = [r for r in runs if r.data.tags.get(SMOKE_TAG) != "true"]
+    return _record(real[0]) if real else None
 
 
 def best_trial_run(uri: str, experiment: str, metric: str, mode: str,
                    parent_run_id: str | None = None) -> RunRecord:
-    """The trial run (of ``parent_run_id``, default: the latest search) with the best last value of ``metric``;
-    FAILED runs are left out (their last value comes from an interrupted training)."""
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    """The best trial run of ``parent_run_id`` (default: the latest search), ranked as everywhere in drcaps
+    (``search.ranking``): by the best value of ``metric`` at ANY epoch, not the last. The search's own choice
+    (its ``drcaps.best_run_id`` tag, written from the same ranking) wins when present; FAILED runs are left out.
+    The record's ``metrics`` are those of the trial's best epoch."""
+    ranking.sign(mode)                                       # ValueError for a bad mode
     if parent_run_id is None:
         parent = latest_search_run(uri, experiment)
         if parent is None:
             raise TrackingError(f"tracking.experiment: {experiment!r} at {uri} has no search run yet")
         parent_run_id = parent.run_id
     runs = child_runs(uri, parent_run_id)
-    scored = [r for r in runs if r.status != "FAILED" and math.isfinite(r.metrics.get(metric, math.nan))]
+    chosen_id = _client(uri).get_run(parent_run_id).data.tags.get("drcaps.best_run_id")
+    best: dict[str, tuple[int, float] | None] = {
+        r.run_id: ranking.best_epoch(metric_history(uri, r.run_id, metric), mode)
+        for r in runs if r.status != "FAILED" and metric in r.metrics}
+    scored = [r for r in runs if best.get(r.run_id) is not None]
     if not scored:
         seen = sorted({k for r in runs for k in r.metrics})
         raise TrackingError(f"search run {parent_run_id}: none of its {len(runs)} trial runs logged {metric!r} "
                             f"without failing (metrics logged: {seen})")
-    sign = 1.0 if mode == "max" else -1.0
-    return max(scored, key=lambda r: sign * r.metrics[metric])
+    pick = next((r for r in scored if r.run_id == chosen_id), None)
+    if pick is None:
+        pick = ranking.rank(scored, lambda r: best[r.run_id][1], mode)[0]   # type: ignore[index]
+    epoch = best[pick.run_id][0]                                              # type: ignore[index]
+    at_best = {key: value for key in pick.metrics
+               for step, value in metric_history(uri, pick.run_id, key) if step == epoch}
+    return dataclasses.replace(pick, metrics=pick.metrics | at_best)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +28,15 @@ import torch
 
 from drcapsnet.checkpoint import BEST, LAST, load_model
 from drcapsnet.config import RunConfig
+from drcapsnet.errors import ClusterError, DrcapsError, SearchFailedError
 from drcapsnet.model import CapsNetClassifier
 from drcapsnet.train import train
-from search import tracking
+from search import preflight, ranking, tracking
 from search.experiment import Experiment, experiment_to_dict
+from search.preflight import STATE_FILE
 from search.space import apply_params, make_sampler, to_distributions
 
-STATE_FILE = "drcaps-search.json"   # <storage>/<experiment>/: the latest search of it, what --resume continues
-
-
-class ClusterError(RuntimeError):
-    """Ray could not be started or reached (``--address``), or there is no search to resume."""
+__all__ = ["STATE_FILE", "ClusterError", "SearchResult", "TrialSummary", "check_search", "run_search"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +77,7 @@ class SearchResult:
     study_name: str
     storage_url: str
     experiment_path: str
+    problems: tuple[str, ...] = ()    # what failed at the very end (registration) without losing the search
 
 
 def _trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -95,9 +93,13 @@ def _trial(params: dict[str, Any], ctx: TrialContext) -> None:
         ctx.tracking_uri, ctx.mlflow_experiment, parent_run_id=ctx.parent_run_id, trial_id=trial_id,
         run_name=tune.get_context().get_trial_name(), params=run.flat())
     logger = tracking.TrialLogger(ctx.tracking_uri, run_id)
+    _remove_temp_folders([trial_id])                          # a killed earlier attempt of this trial left them
     work = Path(tempfile.mkdtemp(prefix=f"drcaps-{trial_id}-"))
     resume = None
     restored = tune.get_checkpoint()
+    # Epochs an earlier attempt logged and Ray's checkpoint does not hold are trained again: log each step once.
+    logged = max((step for step, _ in tracking.metric_history(ctx.tracking_uri, run_id, "epoch")), default=0) \
+        if restored is not None else 0
     if restored is not None:                                  # Ray restarted this trial: continue, don't start over
         with restored.as_directory() as d:
             shutil.copy2(Path(d) / LAST, work / LAST)
@@ -109,13 +111,14 @@ def _trial(params: dict[str, Any], ctx: TrialContext) -> None:
         # Ray may stop this trial inside tune.report (ASHA stops every trial at max_t, the last epoch), tearing the
         # worker down at once: everything MLflow needs is written BEFORE Ray gets control back.
         nonlocal ended
-        logger.log_epoch(metrics, step=int(metrics["epoch"]))
+        if int(metrics["epoch"]) > logged:
+            logger.log_epoch(metrics, step=int(metrics["epoch"]))
         if metrics.get("best_epoch") == metrics["epoch"]:
             logger.log_artifact(work / BEST, "checkpoint")
         if metrics["epoch"] >= run.train.epochs:
             logger.end("FINISHED")
             ended = True
-        with tempfile.TemporaryDirectory(prefix="drcaps-ckpt-") as d:   # only last.pt travels to Ray's storage
+        with tempfile.TemporaryDirectory(prefix=f"drcaps-{trial_id}-ckpt-") as d:   # only last.pt goes to Ray
             os.link(work / LAST, Path(d) / LAST)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
@@ -128,11 +131,18 @@ def _trial(params: dict[str, Any], ctx: TrialContext) -> None:
         raise
     except BaseException as e:
         if not ended:
-            logger.end("FAILED", reason=f"{type(e).__name__}: {e}")
+            logger.end("FAILED", reason=str(e) if isinstance(e, DrcapsError) else f"{type(e).__name__}: {e}")
         ended = True
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_temp_folders(trial_ids: list[str]) -> None:
+    """Delete this machine's temporary folders of these trials (``drcaps-<trial id>-*``), e.g. of a killed try."""
+    for trial_id in trial_ids:
+        for path in Path(tempfile.gettempdir()).glob(f"drcaps-{trial_id}-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _git_commit() -> str:
@@ -225,13 +235,17 @@ def _auth_refused(error: BaseException) -> bool:
     return False
 
 
-def _smoke(exp: Experiment) -> Experiment:
+def smoke_experiment(exp: Experiment) -> Experiment:
     """2 trials x 1 epoch on at most 256 training images: checks the wiring in a minute."""
     run = exp.run
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, epochs=1),
                               data=dataclasses.replace(run.data, limit_train=min(run.data.limit_train or 256, 256)))
     search = dataclasses.replace(exp.search, num_samples=2, time_budget_s=None)
-    return dataclasses.replace(exp, run=run, search=search)
+    # Apart from the real searches: its own name (Ray folder, lock, export file), MLflow experiment and registered
+    # model, and its parent run tagged drcaps.smoke_test, so no "latest"/"best" lookup of the real experiment sees it.
+    smoke_tracking = dataclasses.replace(exp.tracking, experiment=f"{exp.mlflow_experiment}-smoke",
+                                         registered_model=f"{exp.registered_model}-smoke")
+    return dataclasses.replace(exp, name=f"{exp.name}-smoke", run=run, search=search, tracking=smoke_tracking)
 
 
 def _summaries(results: Any, metric: str, mode: str, epochs: int) -> list[TrialSummary]:
@@ -251,21 +265,58 @@ def _summaries(results: Any, metric: str, mode: str, epochs: int) -> list[TrialS
         outcome = "failed" if r.error else ("finished" if ran >= epochs else "stopped_early")
         out.append(TrialSummary(str(trial_id), dict(r.config), float(best_row[metric]), ran, outcome, row,
                                 error=str(r.error) if r.error else None))
-    return sorted(out, key=lambda t: -sign * t.metric)
+    return ranking.rank(out, lambda t: t.metric, mode)      # the one ranking (search/ranking.py)
 
 
 def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str | None = None,
                storage_path: str | Path | None = None, resume: bool = False, smoke_test: bool = False,
                verbose: int = 1) -> SearchResult:
     """Run the experiment's search and return the ranked trials, the best config and its registered model."""
+    if smoke_test:
+        exp = smoke_experiment(exp)
+    uri = tracking.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
+    storage_root = Path(storage_path or Path.cwd() / "drcaps-runs").resolve()
+    check_search(exp, uri, storage_root, resume)          # nothing written, Ray not started
+    if address is None and not os.environ.get("RAY_ADDRESS"):     # a local Ray gets this machine's CPUs/GPUs
+        preflight.check_resources(dataclasses.asdict(exp.search.resources),
+                                  {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}, None)
+    preflight.check_address(address)          # seconds, not Ray's minutes of retries that ignore Ctrl-C
+    _init_ray(address, verbose)
+    preflight.check_resources(dataclasses.asdict(exp.search.resources), _cluster_resources(), address)
+    lock = preflight.SearchLock(storage_root / exp.name / preflight.LOCK_FILE).acquire(exp.name)
+    try:
+        return _run_search(exp, address=address, tracking_uri=uri, storage_path=storage_root,
+                           resume=resume, smoke_test=smoke_test, verbose=verbose)
+    finally:
+        lock.release()
+
+
+def check_search(exp: Experiment, uri: str, storage_root: Path, resume: bool) -> None:
+    """Every check of a search that needs neither Ray nor a record: tracking store and names, storage folder,
+    resume state, Optuna storage, the metric in every epoch's report. Raises a DrcapsError; writes nothing."""
+    tracking.check_tracking_uri(uri)
+    tracking.check_names(exp.mlflow_experiment, exp.registered_model)
+    preflight.check_storage(storage_root, exp.name, resume)
+    preflight.check_optuna_storage(optuna_storage_url(exp, uri))
+    s = exp.search
+    preflight.check_metric_every_epoch(s.metric, exp.run.train.epochs, exp.run.train.eval_interval, s.space,
+                                       s.scheduler.name)
+
+
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def _run_search(exp: Experiment, *, address: str | None, tracking_uri: str | None,
+                storage_path: str | Path | None, resume: bool, smoke_test: bool, verbose: int) -> SearchResult:
     import optuna
     import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    if smoke_test:
-        exp = _smoke(exp)
-    s = exp.search
+    s = exp.search                        # run_search has applied --smoke-test and made every check
     uri = tracking.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
     mlflow_experiment = exp.tracking.experiment or exp.name
     # One Ray folder per search, <storage>/<experiment>/<study>/: running the same experiment again starts afresh
@@ -273,24 +324,20 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
     storage = Path(storage_path or Path.cwd() / "drcaps-runs").resolve() / exp.name
     state_file = storage / STATE_FILE
 
-    if resume and not state_file.exists():
-        raise ClusterError(f"--resume: no interrupted search of '{exp.name}' in {storage}; "
-                           "run it without --resume, or pass the --storage-path it used")
     _init_ray(address, verbose)               # before any MLflow run exists: a bad --address leaves nothing behind
     if resume:
         state = json.loads(state_file.read_text())
         parent_run_id, study_name = state["parent_run_id"], state["study_name"]
         tracking.reopen_run(uri, parent_run_id)
     else:
-        study_name = f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        while (storage / study_name).exists():   # two searches started within one second
-            study_name += "x"
+        study_name = preflight.study_name(exp.name)
         resolved = experiment_to_dict(exp)
         parent_run_id = tracking.start_search_run(
             uri, mlflow_experiment, run_name=study_name, params=exp.run.flat() | {
                 "search.sampler": s.sampler, "search.scheduler": s.scheduler.name, "search.seed": s.seed,
                 "search.num_samples": s.num_samples, "search.metric": s.metric, "search.mode": s.mode},
             tags={"drcaps.study_name": study_name, "drcaps.experiment_file": str(exp.path or ""),
+                  **({tracking.SMOKE_TAG: "true"} if smoke_test else {}),
                   "git.commit": _git_commit(), "version.ray": ray.__version__, "version.optuna": optuna.__version__,
                   "version.torch": torch.__version__, "version.python": platform.python_version()},
             artifacts={"experiment.yaml": exp.path.read_text() if exp.path and exp.path.exists() else "",
@@ -388,11 +435,13 @@ def _finish(exp: Experiment, results: Any, uri: str, mlflow_experiment: str, par
     if not scored:
         tracking.end_run(uri, parent_run_id, "FAILED", {"drcaps.failure_reason": "no trial reported a metric"})
         errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials[:3])
-        raise RuntimeError(f"every trial failed ({errors})")
+        raise SearchFailedError(f"search: every trial failed ({errors}); each trial's record is in MLflow "
+                                f"(parent run {parent_run_id} at {uri})")
     best = scored[0]
     best_config = apply_params(exp, best.params)
     best_run = runs.get(best.trial_id)
     model_uri = None
+    problems: list[str] = []
     checkpoint = next(r for r in results if str((r.metrics or {}).get("trial_id")) == best.trial_id
                       ).get_best_checkpoint(s.metric, s.mode)
     if checkpoint is not None and best_run is not None:
@@ -400,10 +449,15 @@ def _finish(exp: Experiment, results: Any, uri: str, mlflow_experiment: str, par
             capsnet, _, _ = load_model(Path(d) / LAST)
         example = torch.rand(2, capsnet.cfg.in_channels, capsnet.cfg.image_size, capsnet.cfg.image_size)
         registered = exp.tracking.registered_model or f"{mlflow_experiment}-capsnet"
-        model_uri = tracking.log_and_register_model(uri, best_run.run_id, CapsNetClassifier(capsnet).eval(),
-                                                    example, registered_name=registered)
+        try:                  # the search's results must outlive a registry that fails now, at its very end
+            model_uri = tracking.log_and_register_model(uri, best_run.run_id, CapsNetClassifier(capsnet).eval(),
+                                                        example, registered_name=registered)
+        except Exception as e:
+            problems.append(f"could not register the best model as {registered!r} ({type(e).__name__}: {e}); its "
+                            f"checkpoint is artifact checkpoint/best.pt of MLflow run {best_run.run_id}")
     tracking.end_run(uri, parent_run_id, "FINISHED", {
         "drcaps.best_trial_id": best.trial_id, "drcaps.best_run_id": best_run.run_id if best_run else "",
-        f"drcaps.best_{s.metric}": f"{best.metric:.6f}", "drcaps.model_uri": model_uri or ""})
+        f"drcaps.best_{s.metric}": f"{best.metric:.6f}", "drcaps.model_uri": model_uri or ""}
+        | ({"drcaps.registration_error": problems[0]} if problems else {}))
     return SearchResult(exp, best, trials, best_config, uri, parent_run_id, best_run.run_id if best_run else None,
-                        model_uri, study_name, storage_url, experiment_path)
+                        model_uri, study_name, storage_url, experiment_path, problems=tuple(problems))

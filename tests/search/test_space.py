@@ -44,7 +44,7 @@ def test_to_distributions_types_and_bounds() -> None:
 
 def test_apply_params_changes_exactly_the_named_fields() -> None:
     exp = experiment()
-    params = {"train.lr": 0.02, "model.units": 12, "data.batch_size": 32, "train.optimizer": "adam"}
+    params = {"train.lr": 0.02, "model.units": 12, "data.batch_size": 32, "train.optimizer": "sgd"}
     run = apply_params(exp, params)
     before, after = exp.run.flat(), run.flat()
     assert {k for k in after if after[k] != before[k]} == set(params)

@@ -105,8 +105,13 @@ def test_check_tracking_uri_rejects_unshareable_stores(tmp_path: Path) -> None:
         tracking.check_tracking_uri("sqlite:///relative.db")
     with pytest.raises(TrackingError, match="file store"):
         tracking.check_tracking_uri(f"file://{tmp_path}/mlruns")
-    tracking.check_tracking_uri(f"sqlite:///{tmp_path}/new/dir/mlflow.db")
-    assert (tmp_path / "new" / "dir").is_dir()
+    tracking.check_tracking_uri(f"sqlite:///{tmp_path}/new/dir/mlflow.db")   # creatable: fine, and not created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TrackingError, match="afile is a file"):
+        tracking.check_tracking_uri(f"sqlite:///{tmp_path}/afile/mlflow.db")
+    with pytest.raises(TrackingError, match="unknown scheme"):
+        tracking.check_tracking_uri("foo://host/db")
 
 
 def test_parent_run_holds_params_tags_artifacts(uri: str, search: tuple[str, dict[str, str]]) -> None:
@@ -143,9 +148,12 @@ def test_trial_runs_are_children_with_history_status_and_outcome(uri: str, searc
     assert "drcaps.failure_reason" not in children["t_00000"].tags
 
 
-def test_best_trial_run_uses_the_last_value_for_max_and_min(uri: str, search: tuple[str, dict[str, str]]) -> None:
+def test_best_trial_run_ranks_by_the_best_epoch_for_max_and_min(uri: str, search: tuple[str, dict[str, str]]) -> None:
+    """The one ranking (search/ranking.py): t1 peaked at 0.95 then declined to 0.8; t0 ended at 0.9. t1 is best,
+    and the record's metrics are those of its best epoch (2), not its last."""
     parent, runs = search
-    assert tracking.best_trial_run(uri, EXP, "val_acc", "max").run_id == runs["t_00000"]    # not t1's peak 0.95
+    best = tracking.best_trial_run(uri, EXP, "val_acc", "max")
+    assert best.run_id == runs["t_00001"] and best.metrics["val_acc"] == 0.95 and best.metrics["epoch"] == 2
     assert tracking.best_trial_run(uri, EXP, "val_loss", "min", parent_run_id=parent).run_id == runs["t_00001"]
     with pytest.raises(TrackingError, match="'val_f1'.*metrics logged: \\['epoch', 'lr', 'val_acc', 'val_loss'\\]"):
         tracking.best_trial_run(uri, EXP, "val_f1", "max")

@@ -1,0 +1,157 @@
+"""Every check a search can make before any work starts, and the per-experiment lock: nothing here writes a record.
+
+``check_search`` runs before Ray starts or the parent run exists (commands.search_command and run_search call it);
+``check_cluster_resources`` right after ``ray.init`` (search/tune.py), still before the parent run. Each failure is
+one :class:`~drcapsnet.errors.DrcapsError` line naming the field or flag and the fix. Pure Python: no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from drcapsnet.errors import BusyError, ClusterError, ConfigError, UsageError
+
+STATE_FILE = "drcaps-search.json"   # <storage>/<experiment>/: the latest search of it, what --resume continues
+LOCK_FILE = "drcaps-search.lock"    # <storage>/<experiment>/: held by the one search of it running there
+EVERY_EPOCH = ("train_loss", "images_per_s", "epoch_s")             # in every epoch's report
+OPTUNA_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+
+
+def study_name(experiment: str) -> str:
+    """A search's identity: ``<experiment>-<YYYYmmdd-HHMMSS>-<6 hex>``, unique even for searches started in the
+    same second (the Optuna study, the Ray folder and the MLflow parent run's name)."""
+    return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def writable_folder_problem(path: Path) -> str | None:
+    """Why files cannot be created under the folder ``path`` (made on demand), or None. Creates nothing."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
+
+
+def writable_file_problem(path: Path) -> str | None:
+    """Why the file ``path`` cannot be written (created or replaced), or None. Creates nothing."""
+    if path.is_dir():
+        return f"{path} is a folder"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return writable_folder_problem(path.parent)
+
+
+def check_metric_every_epoch(metric: str, epochs: int, eval_interval: int, space: Mapping[str, object],
+                             scheduler: str) -> None:
+    """Ray Tune needs the search metric in EVERY epoch's report (and ASHA/median rank trials by it each epoch):
+    ``test_*`` exist only after the last epoch, ``val_*`` only on evaluation epochs."""
+    if metric in EVERY_EPOCH or epochs == 1:
+        return
+    if metric.startswith("test_"):
+        raise ConfigError(f"search.metric: {metric} is measured only after the last epoch, but the search (and its "
+                          f"{scheduler} scheduler) needs it every epoch; use val_acc or val_loss")
+    if "train.eval_interval" in space:
+        raise ConfigError(f"search.space.train.eval_interval: {metric} must be reported every epoch; remove "
+                          "train.eval_interval from search.space (keep it 1)")
+    if eval_interval > 1:
+        raise ConfigError(f"train.eval_interval: {eval_interval} reports {metric} only every {eval_interval} epochs, "
+                          f"but the search (and its {scheduler} scheduler) needs it every epoch; set "
+                          "train.eval_interval: 1")
+
+
+def check_optuna_storage(url: str) -> None:
+    """The Optuna storage must be an RDB URL with a scheme SQLAlchemy knows; a SQLite file must be writable."""
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
+    if scheme not in OPTUNA_SCHEMES:
+        raise ConfigError(f"search.storage: {url!r} is not an Optuna RDB URL; use sqlite:///<abs path>/optuna.db "
+                          f"or one of {', '.join(s + '://' for s in OPTUNA_SCHEMES[1:])}")
+    if scheme == "sqlite":
+        path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+        if problem := (writable_file_problem(path) if path.is_absolute() else "not an absolute path"):
+            raise ConfigError(f"search.storage: cannot write the Optuna study to {url}: {problem}; set "
+                              "search.storage to sqlite:///<writable folder>/optuna.db")
+
+
+def check_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """``--address``: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``, and something must accept a TCP connection
+    there within ``timeout_s`` (Ray itself retries an unreachable address for minutes, ignoring Ctrl-C)."""
+    if address in (None, "auto", "local"):
+        return
+    assert address is not None
+    rest = address.removeprefix("ray://")
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536 or "/" in rest:
+        raise ClusterError(f"--address: {address!r} is not auto, HOST:PORT or ray://HOST:PORT "
+                           "(e.g. 127.0.0.1:6379 or ray://head:10001)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"--address: cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it "
+                           "(ray start --head) or leave --address out to run Ray here") from None
+
+
+def check_resources(asked: Mapping[str, float], available: Mapping[str, float], address: str | None) -> None:
+    """A trial's resources must fit the cluster, else its trials would wait PENDING forever."""
+    where = f"the Ray cluster at {address}" if address else "this machine's Ray"
+    for field, key in (("cpu", "CPU"), ("gpu", "GPU")):
+        need, have = float(asked.get(field, 0.0)), float(available.get(key, 0.0))
+        if need > have:
+            raise ClusterError(f"search.resources.{field}: each trial asks for {need:g} {key}s but {where} has "
+                               f"{have:g}; set search.resources.{field} to at most {have:g}")
+
+
+@dataclass
+class SearchLock:
+    """An exclusive ``flock`` on ``<storage>/<experiment>/drcaps-search.lock``, held while a search runs there."""
+
+    path: Path
+    handle: IO[str] | None = None
+
+    def acquire(self, experiment: str) -> SearchLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise BusyError(f"--storage-path: another search of '{experiment}' is running in {self.path.parent} "
+                            f"({holder}); wait for it to end, or pass another --storage-path") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+def check_storage(storage_root: Path, experiment: str, resume: bool) -> None:
+    """``--storage-path`` must be a writable folder; ``--resume`` needs an earlier search's state there."""
+    if problem := writable_folder_problem(storage_root):
+        raise UsageError(f"--storage-path: cannot write Ray's results to {storage_root}: {problem}; pass a "
+                         "writable folder")
+    state = storage_root / experiment / STATE_FILE
+    if resume and not state.is_file():
+        raise ClusterError(f"--resume: no interrupted search of '{experiment}' in {storage_root / experiment}; "
+                           "run it without --resume, or pass the --storage-path it used")

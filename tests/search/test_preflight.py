@@ -1,0 +1,168 @@
+"""Every check that can be made before work starts, table-driven through ``drcaps`` itself (``cli.main``) in an
+empty working folder: exit code 2, ONE ``error: ...`` line naming the field or flag, and nothing written there
+(no mlflow.db, no optuna.db, no drcaps-runs, no export). Nothing here starts Ray or trains."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from search.cli import main
+
+EXPERIMENT = """\
+name: pre
+model: {preset: tiny}
+data: {dataset: digits, batch_size: 32, limit_train: 100}
+train: {epochs: 2, device: cpu}
+search:
+  num_samples: 2
+  resources: {cpu: 1}
+  space:
+    train.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+"""
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> dict[str, str]:
+    """Inputs outside the working folder: a good experiment, a bad YAML, an empty file, a plain file, a folder."""
+    d = tmp_path / "inputs"
+    d.mkdir()
+    (d / "exp.yaml").write_text(EXPERIMENT)
+    (d / "bad.yaml").write_text("name: [unclosed\n")
+    (d / "empty.yaml").write_text("")
+    (d / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
+    (d / "afile").write_text("not a folder")
+    (d / "folder").mkdir()
+    return {"exp": str(d / "exp.yaml"), "bad": str(d / "bad.yaml"), "empty": str(d / "empty.yaml"),
+            "binary": str(d / "binary.yaml"), "file": str(d / "afile"), "dir": str(d / "folder"),
+            "port": str(_closed_port())}
+
+
+# (case id, argv with {placeholders} from `files`, substrings the error line must hold)
+CASES: list[tuple[str, list[str], list[str]]] = [
+    ("missing-file", ["search", "{dir}/nope.yaml"], ["nope.yaml", "cannot read"]),
+    ("directory-not-file", ["search", "{dir}"], ["folder", "cannot read"]),
+    ("empty-file", ["search", "{empty}"], ["empty file"]),
+    ("bad-yaml", ["search", "{bad}"], ["YAML syntax error"]),
+    ("binary-file", ["search", "{binary}"], ["cannot read"]),
+    ("set-without-equals", ["search", "{exp}", "--set", "trainlr"], ["--set", "KEY=VALUE"]),
+    ("set-empty-key", ["search", "{exp}", "--set", "=3"], ["KEY=VALUE"]),
+    ("set-unknown-field", ["search", "{exp}", "--set", "train.lrr=1"], ["train.lrr", "did you mean 'lr'"]),
+    ("zero-samples", ["search", "{exp}", "--set", "search.num_samples=0"], ["search.num_samples", "got 0"]),
+    ("negative-epochs", ["search", "{exp}", "--set", "train.epochs=-1"], ["train.epochs", "got -1"]),
+    ("huge-units", ["search", "{exp}", "--set", "model.units=100000"], ["model.units", "at most"]),
+    ("infinite-weight", ["search", "{exp}", "--set", "model.reconstruction_weight=.inf"],
+     ["model.reconstruction_weight", "finite"]),
+    ("storage-path-is-a-file", ["search", "{exp}", "--storage-path", "{file}"], ["--storage-path", "afile"]),
+    ("storage-path-under-a-file", ["search", "{exp}", "--storage-path", "{file}/sub"], ["--storage-path"]),
+    ("optuna-storage-under-a-file", ["search", "{exp}", "--set", "search.storage=sqlite:///{file}/optuna.db"],
+     ["search.storage"]),
+    ("optuna-storage-unknown-scheme", ["search", "{exp}", "--set", "search.storage=redis://x"], ["search.storage"]),
+    ("tracking-folder-is-a-file", ["search", "{exp}", "--tracking-uri", "sqlite:///{file}/mlflow.db"],
+     ["tracking.uri", "afile"]),
+    ("tracking-db-is-a-folder", ["search", "{exp}", "--tracking-uri", "sqlite:///{dir}"], ["tracking.uri"]),
+    ("tracking-unknown-scheme", ["search", "{exp}", "--tracking-uri", "foo://host/x"], ["unknown scheme"]),
+    ("tracking-file-store", ["search", "{exp}", "--tracking-uri", "file:///tmp/mlruns"], ["file store"]),
+    ("tracking-unreachable-server", ["search", "{exp}", "--tracking-uri", "http://127.0.0.1:{port}"],
+     ["cannot reach"]),
+    ("test-acc-with-asha", ["search", "{exp}", "--set", "search.metric=test_acc"], ["search.metric", "test_acc"]),
+    ("test-acc-without-scheduler", ["search", "{exp}", "--set", "search.metric=test_acc",
+                                    "--set", "search.scheduler.name=none"], ["search.metric"]),
+    ("val-acc-every-2-epochs", ["search", "{exp}", "--set", "train.eval_interval=2"], ["train.eval_interval"]),
+    ("eval-interval-in-space", ["search", "{exp}", "--set",
+                                "search.space.train.eval_interval={{type: int, low: 1, high: 2}}"],
+     ["search.space.train.eval_interval"]),
+    ("registered-model-with-slash", ["search", "{exp}", "--set", "tracking.registered_model=a/b"],
+     ["tracking.registered_model", "a/b"]),
+    ("out-is-a-folder", ["search", "{exp}", "--out", "{dir}"], ["--out"]),
+    ("out-under-a-file", ["search", "{exp}", "--out", "{file}/best.yaml"], ["--out"]),
+    ("image-size-in-space", ["search", "{exp}", "--set",
+                             "search.space.model.image_size={{type: categorical, choices: [28, 32]}}"],
+     ["search.space.model.image_size", "28"]),
+    ("image-size-not-the-data", ["search", "{exp}", "--set", "model.image_size=32"], ["model.image_size", "28"]),
+    ("dataset-absent-no-download", ["search", "{exp}", "--set", "data.dataset=mnist", "--set", "data.data_dir={dir}",
+                                    "--set", "data.download=false"], ["data.dataset", "mnist"]),
+    ("idx-folder-missing", ["search", "{exp}", "--set", "data.dataset=idx", "--set", "data.data_dir={dir}/nope"],
+     ["data.data_dir"]),
+    ("more-cpus-than-the-machine", ["search", "{exp}", "--set", "search.resources.cpu=4096"],
+     ["search.resources.cpu", "4096"]),
+    ("more-gpus-than-the-machine", ["search", "{exp}", "--set", "search.resources.gpu=64"],
+     ["search.resources.gpu"]),
+    ("address-syntax", ["search", "{exp}", "--address", "nowhere"], ["--address", "HOST:PORT"]),
+    ("address-unreachable", ["search", "{exp}", "--address", "127.0.0.1:{port}"], ["--address", "cannot reach"]),
+    ("ray-client-unreachable", ["search", "{exp}", "--address", "ray://127.0.0.1:{port}"], ["--address"]),
+    ("resume-nothing", ["search", "{exp}", "--resume"], ["--resume"]),
+    ("validate-bad-samples", ["validate", "{exp}", "--show-samples", "-1"], ["--show-samples"]),
+    ("train-save-model-is-a-folder", ["train", "--save-model", "{dir}", "--epochs", "1"], ["--save-model"]),
+    ("train-checkpoint-dir-is-a-file", ["train", "--checkpoint-dir", "{file}", "--epochs", "1"],
+     ["--checkpoint-dir"]),
+    ("train-load-model-is-garbage", ["train", "--load-model", "{exp}"], ["checkpoint", "exp.yaml"]),
+    ("train-zero-batch", ["train", "--batch-size", "0"], ["data.batch_size"]),
+    ("train-nan-lr", ["train", "--set", "train.lr=.nan"], ["train.lr"]),
+    ("evaluate-without-store", ["evaluate", "--model-uri", "models:/x@best"], ["mlflow.db"]),
+    ("evaluate-zero-batch", ["evaluate", "--checkpoint", "{exp}", "--batch-size", "0"], ["--batch-size"]),
+    ("export-best-without-store", ["export-best", "--experiment", "x", "--out", "{dir}/b.yaml"], ["mlflow.db"]),
+    ("export-best-unknown-scheme", ["export-best", "--experiment", "x", "--tracking-uri", "foo://x",
+                                    "--out", "{dir}/b.yaml"], ["unknown scheme"]),
+    ("ui-without-store", ["ui"], ["mlflow.db"]),
+    ("ui-bad-port", ["ui", "--port", "0"], ["--port"]),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [(a, e) for _, a, e in CASES], ids=[c for c, _, _ in CASES])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv: list[str], expected: list[str],
+                                                           files: dict[str, str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import ray
+
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr("os.execv", lambda *a: pytest.fail(f"a command exec'd {a}"))
+    started = time.monotonic()
+    try:
+        code = main([arg.format(**files) for arg in argv])
+    except SystemExit as e:               # argparse
+        code = e.code
+    elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert code == 2, f"exit {code}\nstdout: {out}\nstderr: {err}"
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text.format(**files) in err, (text, err)
+    assert sorted(p.name for p in cwd.iterdir()) == [], "the working folder must hold nothing new"
+    assert list(Path(files["dir"]).iterdir()) == []
+    assert not ray.is_initialized()
+    assert elapsed < 20, f"{elapsed:.1f} s"
+
+
+def test_sigterm_is_an_interrupt_not_a_kill(tmp_path: Path) -> None:
+    """``drcaps`` maps SIGTERM to KeyboardInterrupt (exit 130), so a stopped search saves its state."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys, time\n"
+            "from search import cli\n"
+            "def slow(args, overrides):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30); return 0\n"
+            "cli.commands.validate_command = slow\n"
+            "sys.exit(cli.main(['validate', 'x.yaml']))\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and "interrupted" in done.stderr, (done.returncode, done.stderr)
+    assert time.monotonic() - started < 25
+    assert signal.SIGTERM  # the handler is restored after main() returns (checked in-process below)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert signal.getsignal(signal.SIGTERM) is before
