@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["yaml", "json"], help="default: from --out's suffix, else yaml")
     p.add_argument("--csv", type=Path, help="also write every trial of the search as a CSV (pandas)")
 
+    p = sub.add_parser("report", help="write the HTML report (plots, capsule diagnostics) of a search")
+    p.add_argument("experiment", help="MLflow experiment name (the experiment file's name); its latest search")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in this folder)")
+    p.add_argument("--out", type=Path, help="the HTML file to write (default: <experiment>.report.html here)")
+
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the local store")
     p.add_argument("--tracking-uri")
     p.add_argument("--port", type=int, default=5000)
@@ -153,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"train": commands.train_command, "evaluate": commands.evaluate_command,
                "validate": commands.validate_command, "search": commands.search_command,
-               "export-best": commands.export_best_command, "ui": commands.ui_command}[args.command]
+               "export-best": commands.export_best_command, "report": commands.report_command,
+               "ui": commands.ui_command}[args.command]
     previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() \
         else None
     try:

@@ -313,6 +313,25 @@ def export_best_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def report_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    from search import tracking
+    from search.report import write_report
+
+    with user_errors():
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.check_tracking_uri(uri)
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+            raise UserError(f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; run "
+                            "'drcaps search' first or pass the --tracking-uri the search used")
+    out = (args.out or Path.cwd() / f"{args.experiment}.report.html").resolve()
+    try:
+        path = write_report(uri, args.experiment, out)
+    except tracking.TrackingError as e:      # no such experiment or search; not the figures' own errors
+        raise UserError(str(e)) from None
+    print(f"report of the latest search of '{args.experiment}': {path}")
+    return 0
+
+
 def ui_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from search import tracking
 
