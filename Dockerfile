@@ -4,11 +4,13 @@
 # runs CPU-only and GPU workers.
 FROM python:3.11-slim
 WORKDIR /opt/drcaps
-# Dependencies first, from the project metadata alone, so that editing the code re-runs only the last, small layer.
-COPY pyproject.toml constraints.txt README.md ./
-RUN mkdir -p drcapsnet search && touch drcapsnet/__init__.py search/__init__.py \
+# Dependencies first, from the project metadata alone (README.md, which pyproject names, as an empty stand-in), so
+# that editing the code or the README re-runs only the last, small layers.
+COPY pyproject.toml constraints.txt ./
+RUN mkdir -p drcapsnet search && touch drcapsnet/__init__.py search/__init__.py README.md \
     && pip install --no-cache-dir -c constraints.txt ".[cluster,dashboard]" \
     && pip uninstall -y -q drcaps
+COPY README.md ./
 COPY drcapsnet ./drcapsnet
 COPY search ./search
 COPY experiments ./experiments
