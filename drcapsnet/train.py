@@ -25,6 +25,7 @@ from drcapsnet.losses import capsnet_loss
 from drcapsnet.model import CapsNet
 
 Report = Callable[[dict[str, float]], None]
+_RESUME_ONLY = ("optimizer", "scheduler", "rng")   # in last.pt, not in best.pt
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,7 +102,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     Metrics: ``epoch``, ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc`` (on evaluation epochs), ``lr``,
     ``images_per_s`` (training images per second), ``epoch_s``, ``best_val_acc``, and ``test_loss``/``test_acc``
     after the last epoch (the test split is touched only then). With ``checkpoint_dir``, ``last.pt`` is written
-    atomically every epoch before ``report`` is called, and ``best.pt`` whenever ``val_acc`` improves.
+    atomically every epoch before ``report`` is called, and ``best.pt`` (weights, config and metrics only: no
+    optimizer, scheduler or RNG state) whenever ``val_acc`` improves.
     ``resume`` (a checkpoint file or folder) continues from its epoch and gives the same weights as a run that was
     never interrupted. ``datasets`` skips loading (tests and benchmarks pass them in).
     """
@@ -184,8 +186,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
                      "rng": {"torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
             save_checkpoint(state, ckpt_dir / LAST)
-            if improved:
-                save_checkpoint(state, ckpt_dir / BEST)
+            if improved:   # weights only (what rebuilding the model needs): 1/2 to 1/3 of last.pt
+                save_checkpoint({k: v for k, v in state.items() if k not in _RESUME_ONLY}, ckpt_dir / BEST)
         if report is not None:
             report(dict(metrics))
     return metrics

@@ -1,0 +1,228 @@
+"""A simulated search of many trials: does the driver, the Optuna storage or MLflow slow down or lose data as a search
+grows?
+
+The real search machinery (Ray Tune with ``reuse_actors``, drcaps' Optuna searcher over an RDB storage, ASHA, a
+ConcurrencyLimiter, one MLflow child run per trial written through ``search.tracking``) drives trials that train
+nothing: each reports a synthetic learning curve (a saturating curve whose ceiling depends on lr and momentum, plus
+seeded noise), a few milliseconds per epoch. Ray is told it has ``--concurrent`` CPUs (fake resources) so that many
+trials run at once on 2 cores.
+
+Measured: the driver's resident memory over the search (sampled every second, shown at each 10% of trials ended),
+the latency of each Optuna suggestion against the number of trials already in the study, MLflow writes per second
+(run creation, one log_batch per epoch, end), and whether anything was lost: every epoch a trial reported to Tune
+must be in its MLflow run, every trial in the Optuna study with a final state.
+
+    python benchmarks/search_scale.py                      # 1,000 trials, SQLite stores
+    python benchmarks/search_scale.py --postgres           # the same with PostgreSQL (initdb/pg_ctl on PATH)
+    python benchmarks/search_scale.py --quick              # 150 trials (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EPOCHS = 10
+
+
+def synthetic_trial(config: dict[str, Any], uri: str, experiment: str, parent_run_id: str) -> None:
+    """A trial that reports a synthetic learning curve to Tune and MLflow, as ``search.tune._trial`` does."""
+    from ray import tune
+
+    from search import tracking
+    from search.tune import split_config
+
+    params, number = split_config(config)
+    trial_id = tune.get_context().get_trial_id()
+    writes, write_s = 0, 0.0
+    t0 = time.perf_counter()
+    run_id = tracking.find_or_create_trial_run(uri, experiment, parent_run_id=parent_run_id, trial_id=trial_id,
+                                               run_name=f"trial {number}", params=params)
+    logger = tracking.TrialLogger(uri, run_id)
+    writes, write_s = writes + 2, write_s + time.perf_counter() - t0
+    lr, momentum = params["train.lr"], params["train.momentum"]
+    ceiling = 0.99 - 0.08 * math.log10(lr / 0.2) ** 2 - 0.2 * (momentum - 0.85) ** 2
+    rng = random.Random(number)
+    ended = False
+    try:
+        for epoch in range(1, EPOCHS + 1):
+            time.sleep(0.003)
+            acc = max(0.0, ceiling * (1 - math.exp(-epoch / 2.5)) + rng.gauss(0, 0.005))
+            metrics = {"epoch": epoch, "val_acc": acc, "train_loss": 1 - acc}
+            t0 = time.perf_counter()
+            logger.log_epoch(metrics, step=epoch)
+            if epoch == EPOCHS:
+                logger.end("FINISHED")
+                ended = True
+            writes, write_s = writes + 1 + (epoch == EPOCHS), write_s + time.perf_counter() - t0
+            tune.report({**metrics, "mlflow_run_id": run_id, "mlflow_writes": writes, "mlflow_write_s": write_s})
+    except SystemExit:
+        if not ended:
+            logger.end("KILLED", outcome="stopped_early")
+        raise
+
+
+def start_postgres(folder: Path, port: int) -> str:
+    """A throw-away PostgreSQL server in ``folder`` (initdb, pg_ctl); returns its SQLAlchemy URL prefix."""
+    data = folder / "pgdata"
+    subprocess.run(["initdb", "-D", str(data), "-U", "postgres", "--auth=trust"], check=True, capture_output=True)
+    subprocess.run(["pg_ctl", "-D", str(data), "-o", f"-p {port} -k {folder} -c max_connections=300", "-l",
+                    str(folder / "pg.log"), "-w", "start"], check=True, capture_output=True)
+    for db in ("mlflow", "optuna"):
+        subprocess.run(["psql", "-h", str(folder), "-p", str(port), "-U", "postgres", "-c", f"CREATE DATABASE {db}"],
+                       check=True, capture_output=True)
+    return f"postgresql://postgres@127.0.0.1:{port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=None, help="default 1000 (quick: 150)")
+    parser.add_argument("--concurrent", type=int, default=8, help="trials at once (Ray is told it has this many CPUs)")
+    parser.add_argument("--postgres", action="store_true", help="MLflow and Optuna on a local PostgreSQL server")
+    parser.add_argument("--port", type=int, default=55432)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    trials = args.trials or (150 if args.quick else 1000)
+
+    import psutil
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search import tracking
+    from search.experiment import experiment_from_dict
+    from search.tune import _scheduler, make_searcher
+
+    tmp = Path(tempfile.mkdtemp(prefix="drcaps-scale-"))
+    try:
+        if args.postgres:
+            base = start_postgres(tmp, args.port)
+            uri, storage_url, store = f"{base}/mlflow", f"{base}/optuna", "PostgreSQL"
+        else:
+            uri, storage_url, store = f"sqlite:///{tmp / 'mlflow.db'}", f"sqlite:///{tmp / 'optuna.db'}", "SQLite"
+        exp = experiment_from_dict({
+            "name": "scale", "model": {"preset": "tiny"}, "data": {"dataset": "digits"},
+            "train": {"epochs": EPOCHS, "device": "cpu"},
+            "search": {"num_samples": trials, "max_concurrent": args.concurrent, "seed": 0,
+                       "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 3.0},
+                       "space": {"train.lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
+                                 "train.momentum": {"type": "float", "low": 0.5, "high": 0.99}}},
+            "tracking": {"uri": uri, "experiment": "scale"}}, base_dir=tmp)
+        parent = tracking.start_search_run(uri, "scale", run_name="scale", params={}, tags={})
+        searcher = make_searcher(exp, "scale", storage_url)
+        latencies: list[float] = []
+        suggest = searcher.suggest
+
+        def timed_suggest(trial_id: str) -> Any:
+            t0 = time.perf_counter()
+            out = suggest(trial_id)
+            latencies.append(time.perf_counter() - t0)
+            return out
+
+        searcher.suggest = timed_suggest
+        ended = [0]
+
+        class Count(tune.Callback):
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                ended[0] += 1
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                ended[0] += 1
+
+        ray.init(num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        me = psutil.Process()
+        samples: list[tuple[float, int, float]] = []      # (s since start, trials ended, driver RSS MiB)
+        stop = threading.Event()
+        t_start = time.perf_counter()
+
+        def sample() -> None:
+            while not stop.is_set():
+                samples.append((time.perf_counter() - t_start, ended[0], me.memory_info().rss / 2 ** 20))
+                stop.wait(1.0)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(synthetic_trial, uri=uri, experiment="scale",
+                                                     parent_run_id=parent), {"cpu": 1}),
+            tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=trials, reuse_actors=True,
+                                        search_alg=ConcurrencyLimiter(searcher, max_concurrent=args.concurrent),
+                                        scheduler=_scheduler(exp, EPOCHS)),
+            run_config=tune.RunConfig(name="scale", storage_path=str(tmp / "ray"), verbose=0, callbacks=[Count()]))
+        results = tuner.fit()
+        wall = time.perf_counter() - t_start
+        stop.set()
+        sampler.join()
+        ray.shutdown()
+
+        # --- what was lost?
+        reported = {str(r.metrics.get("mlflow_run_id")): (len(r.metrics_dataframe) if r.metrics_dataframe is not None
+                                                         else 0, r.metrics) for r in results}
+        runs = tracking.child_runs(uri, parent)
+        lost_epochs, missing_runs, writes, write_s = 0, 0, 0, 0.0
+        by_id = {r.run_id: r for r in runs}
+        for run_id, (n, last) in reported.items():
+            if run_id not in by_id:
+                missing_runs += 1
+                continue
+            logged = len(tracking.metric_history(uri, run_id, "val_acc"))
+            lost_epochs += max(0, n - logged)
+            writes += int(last.get("mlflow_writes", 0))
+            write_s += float(last.get("mlflow_write_s", 0.0))
+        import optuna
+
+        study = optuna.load_study(study_name="scale", storage=storage_url)
+        states: dict[str, int] = {}
+        for t in study.get_trials(deepcopy=False):
+            states[t.state.name] = states.get(t.state.name, 0) + 1
+        errors = sum(1 for r in results if r.error)
+    finally:
+        if args.postgres:
+            subprocess.run(["pg_ctl", "-D", str(tmp / "pgdata"), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"{trials} simulated trials (up to {EPOCHS} epochs, ASHA), {args.concurrent} at once, MLflow and Optuna on "
+          f"{store}; {os.cpu_count()} cores (shared); wall {wall:.0f} s, {trials / wall:.1f} trials/s")
+    print("\ndriver memory (RSS) as trials end:")
+    print(f"  {'trials ended':>12s} {'time s':>8s} {'RSS MiB':>8s}")
+    shown = set()
+    for t, n, rss in samples:
+        decile = n * 10 // max(trials, 1)
+        if decile not in shown:
+            shown.add(decile)
+            print(f"  {n:12d} {t:8.0f} {rss:8.0f}")
+    if samples:
+        print(f"  {samples[-1][1]:12d} {samples[-1][0]:8.0f} {samples[-1][2]:8.0f}")
+    warm = [rss for _, n, rss in samples if n >= trials * 0.2]
+    if warm:
+        print(f"  after 20% of trials: min {min(warm):.0f}, max {max(warm):.0f} MiB "
+              f"(growth {max(warm) - warm[0]:+.0f} MiB over the remaining {100 - 20}%)")
+    print("\nOptuna suggestion latency (ms) against trials already in the study:")
+    print(f"  {'study size':>12s} {'median':>8s} {'p95':>8s} {'max':>8s}")
+    step = max(1, len(latencies) // 10)
+    for i in range(0, len(latencies), step):
+        chunk = sorted(latencies[i: i + step])
+        print(f"  {i:5d}-{i + len(chunk) - 1:<6d} {1e3 * statistics.median(chunk):8.1f} "
+              f"{1e3 * chunk[int(0.95 * (len(chunk) - 1))]:8.1f} {1e3 * chunk[-1]:8.1f}")
+    print(f"\nMLflow: {writes} writes from the trials in {wall:.0f} s = {writes / wall:.0f} writes/s for the search; "
+          f"mean {1e3 * write_s / max(writes, 1):.1f} ms per write inside a trial")
+    print(f"lost: {lost_epochs} epoch metrics missing from MLflow, {missing_runs} trials without an MLflow run, "
+          f"{errors} trials errored; Optuna study states {states} (of {trials} trials)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Where a search trial's time goes: a real quickstart search on the CPU, broken down per trial and for the search.
+
+Runs ``drcaps search experiments/quickstart.yaml`` (real embedded Ray, Optuna with SQLite, MLflow with a SQLite store,
+all in a temporary folder) and reads back what every trial recorded: the cumulative ``perf_*_s`` counters that
+``search.tune._trial`` reports with each epoch and logs to its MLflow run at its end (start-up: from the worker
+process's start, or the previous trial's end in a reused actor, to the trial function; data; training; evaluation;
+checkpointing; MLflow writes; Tune's report hand-off; teardown: the end of the run, the best checkpoint's upload,
+clean-up). Then the search as a whole: wall time, Ray's start, and the share of the slots' time (wall x concurrent
+trials) spent outside training.
+
+    python benchmarks/trial_overhead.py            # the shipped quickstart
+    python benchmarks/trial_overhead.py --quick    # 4 trials x 2 epochs (< 10 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PHASES = ("startup", "data", "train", "eval", "ckpt", "mlflow", "tune", "teardown")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default=str(ROOT / "experiments" / "quickstart.yaml"))
+    parser.add_argument("--trials", type=int, default=None, help="override search.num_samples")
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--quick", action="store_true", help="4 trials x 2 epochs")
+    args = parser.parse_args()
+    trials, epochs = (args.trials or 4, args.epochs or 2) if args.quick else (args.trials, args.epochs)
+
+    t_import = time.perf_counter()
+    import ray
+
+    from search import tracking
+    from search.experiment import load_experiment
+    from search.tune import _init_ray, run_search
+    t_import = time.perf_counter() - t_import
+
+    exp = load_experiment(args.experiment)
+    if trials:
+        exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, num_samples=trials))
+    if epochs:
+        exp = dataclasses.replace(exp, run=dataclasses.replace(
+            exp.run, train=dataclasses.replace(exp.run.train, epochs=epochs)),
+            search=dataclasses.replace(exp.search, scheduler=dataclasses.replace(
+                exp.search.scheduler, grace_period=min(exp.search.scheduler.grace_period, epochs))))
+    s = exp.search
+    with tempfile.TemporaryDirectory(prefix="drcaps-overhead-") as tmp:
+        os.chdir(tmp)
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        t0 = time.perf_counter()
+        _init_ray(None, 0)
+        t_ray = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        result = run_search(exp, tracking_uri=uri, storage_path=Path(tmp) / "ray", verbose=0)
+        t_search = time.perf_counter() - t1
+        ray.shutdown()
+        runs = tracking.child_runs(uri, result.parent_run_id)
+        per_trial = []
+        for r in runs:
+            m = {p: r.metrics.get(f"perf_{p}_s") for p in PHASES} | {
+                "wall": r.metrics.get("perf_wall_s"), "worker_trials": r.metrics.get("perf_worker_trials")}
+            if all(v is not None for v in m.values()):
+                per_trial.append(m)
+
+    n = len(result.trials)
+    epochs_run = sum(t.epochs for t in result.trials)
+    print(f"{exp.name}: {n} trials ({epochs_run} trial-epochs, {exp.run.train.epochs} max), {s.max_concurrent} at "
+          f"a time on {os.cpu_count()} cores; best {s.metric} {result.best.metric:.4f}")
+    print(f"imports (ray, search) {t_import:.1f} s, Ray start {t_ray:.1f} s, search {t_search:.1f} s "
+          f"(run_search: MLflow parent run, Tune, registration of the best model)")
+    if not per_trial:
+        print("no perf_* metrics in the trials' MLflow runs (a version of search.tune without the counters)")
+        return
+    print(f"\nper trial, {len(per_trial)} trials with counters (seconds; mean, min, max):")
+    print(f"  {'phase':10s} {'mean':>7s} {'min':>7s} {'max':>7s} {'total':>8s}")
+    for p in (*PHASES, "wall"):
+        vals = [t[p] for t in per_trial]
+        print(f"  {p:10s} {statistics.mean(vals):7.2f} {min(vals):7.2f} {max(vals):7.2f} {sum(vals):8.1f}")
+    reused = sum(t["worker_trials"] > 1 for t in per_trial)
+    fixed = [t["wall"] - t["train"] - t["eval"] for t in per_trial]
+    fixed_first = [f for f, t in zip(fixed, per_trial) if t["worker_trials"] == 1]
+    fixed_reused = [f for f, t in zip(fixed, per_trial) if t["worker_trials"] > 1]
+    train_total = sum(t["train"] for t in per_trial)
+    slots = s.max_concurrent * t_search
+    print(f"\n  trials in a reused actor: {reused} of {len(per_trial)}")
+    print(f"  fixed cost per trial (wall - train - eval): mean {statistics.mean(fixed):.2f} s; "
+          f"in a fresh worker {statistics.mean(fixed_first) if fixed_first else float('nan'):.2f} s, "
+          f"in a reused one {statistics.mean(fixed_reused) if fixed_reused else float('nan'):.2f} s")
+    print(f"  search: slots x wall = {s.max_concurrent} x {t_search:.1f} s = {slots:.1f} s; "
+          f"training {train_total:.1f} s = {train_total / slots:.0%}; outside training {1 - train_total / slots:.0%} "
+          f"(evaluation {sum(t['eval'] for t in per_trial) / slots:.0%}, the rest: fixed costs, Ray's scheduling, "
+          f"the registration, and slots idle at the end)")
+
+
+if __name__ == "__main__":
+    main()
