@@ -5,7 +5,7 @@ Layout (top-level keys ``name``, ``model``, ``data``, ``train``, ``search``, ``t
     name: quickstart
     model: {preset: small, units: 8}        # preset values first, then the other keys
     data:  {dataset: digits, batch_size: 64}
-    train: {epochs: 6, lr: 5.0e-2}           # write floats with a dot: YAML 1.1 reads 1e-3 as a string
+    train: {epochs: 6, lr: 5e-2}             # 5e-2 is a float (YAML 1.2 floats, unlike PyYAML's YAML 1.1)
     search:
       metric: val_acc
       space:
@@ -49,7 +49,22 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
 TOP_LEVEL: tuple[str, ...] = ("name", "model", "data", "train", "search", "tracking", "result")
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
-_NUMBER_TEXT = re.compile(r"[-+]?(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")  # what a user meant as a number
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-3`` and ``2E5`` are numbers (YAML 1.1 wants a dot)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python, safely, with YAML 1.2 floats (``1e-3`` is a float)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 _KEY_PREFIX = re.compile(r"^([\w.]+?)\.(\w+):")                                # "model.units: ..." -> field "units"
 
 
@@ -230,14 +245,6 @@ class Experiment:
 
 # ---------------------------------------------------------------------------------------------------- type checks
 
-def _exponent_fix(text: str) -> str:
-    """'1e-3' -> '1.0e-3', '2E5' -> '2.0e+5': the spelling YAML 1.1 reads as a float."""
-    mantissa, _, exponent = text.lower().partition("e")
-    if "." not in mantissa:
-        mantissa += ".0"
-    return f"{mantissa}e{exponent if exponent[:1] in '+-' else '+' + exponent}"
-
-
 def _type_problem(value: Any, hint: Any) -> str | None:
     """Why ``value`` does not fit the type hint ``hint``, or None when it does."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -257,9 +264,6 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     if hint is float:
         if _is_number(value):
             return None
-        if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()) and "e" in value.lower():
-            return (f"expected a number, got {value!r} "
-                    f"(YAML reads {value} as text; write {_exponent_fix(value.strip())})")
         return f"expected a number, got {value!r}"
     if hint is str:
         return None if isinstance(value, str) else f"expected a string, got {value!r}"
@@ -476,17 +480,15 @@ def _tracking(raw: Any, issues: list[str]) -> TrackingConfig | None:
 # ---------------------------------------------------------------------------------------------------- overrides
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=3.0e-4"`` -> ``("train.lr", 0.0003)``. The value is YAML, except that ``1e-3``-style text is a float
-    (what a user types on a command line), and text that is not valid YAML is kept as a string."""
+    """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``. The value is YAML (1.2 floats: ``1e-3`` is a number); text
+    that is not valid YAML is kept as a string."""
     key, sep, value_text = text.partition("=")
     key = key.strip()
     if not sep or not key or not all(part.strip() for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=3.0e-4")
     value_text = value_text.strip()
-    if _NUMBER_TEXT.fullmatch(value_text) and "e" in value_text.lower():
-        return key, float(value_text.replace("_", ""))
     try:
-        return key, yaml.safe_load(value_text)
+        return key, load_yaml(value_text)
     except yaml.YAMLError:
         return key, value_text
 
@@ -593,7 +595,7 @@ def _read(path: Path, shown: str) -> Any:
             if path.suffix.lower() == ".json":
                 raise ConfigError(f"{shown}: JSON syntax error: {e}") from None
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
