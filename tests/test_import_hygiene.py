@@ -1,19 +1,49 @@
-"""drcapsnet is pure PyTorch: importing any of its modules must not pull in ray, optuna or mlflow."""
+"""Who imports what: drcapsnet is pure PyTorch; in search/, Ray is imported by one module and MLflow by one; the
+modules a user touches to load, validate and export an experiment stay light (no Ray, MLflow or Optuna loaded)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("drcapsnet", "drcapsnet.model", "drcapsnet.train", "drcapsnet.data", "drcapsnet.routing",
-           "drcapsnet.losses", "drcapsnet.config")
+HEAVY = ("ray", "optuna", "mlflow")
+OWNER = {"ray": "search/tune.py", "mlflow": "search/tracking.py"}   # the one module of search/ that imports each
 
 
-def test_importing_drcapsnet_leaves_search_dependencies_unloaded() -> None:
-    code = (f"import {', '.join(MODULES)}; import sys; "
-            "print(sorted(m for m in ('ray', 'optuna', 'mlflow') if m in sys.modules))")
+def _imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("modules", [
+    ("drcapsnet", "drcapsnet.model", "drcapsnet.train", "drcapsnet.data", "drcapsnet.routing", "drcapsnet.losses",
+     "drcapsnet.config", "drcapsnet.checkpoint", "drcapsnet.errors", "drcapsnet.diagnostics"),
+    ("search.experiment", "search.space", "search.export", "search.progress"),
+])
+def test_importing_leaves_ray_optuna_and_mlflow_unloaded(modules: tuple[str, ...]) -> None:
+    code = f"import sys, {', '.join(modules)}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]", f"drcapsnet imported {result.stdout.strip()}"
+    assert result.stdout.strip() == "[]", f"{modules} imported {result.stdout.strip()}"
+
+
+def test_drcapsnet_never_imports_the_search_stack() -> None:
+    for path in sorted((REPO_ROOT / "drcapsnet").glob("*.py")):
+        assert not _imported_roots(path) & {*HEAVY, "search"}, path.name
+
+
+@pytest.mark.parametrize("library", sorted(OWNER))
+def test_one_module_of_search_imports_each_of_ray_and_mlflow(library: str) -> None:
+    importers = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "search").rglob("*.py")
+                       if library in _imported_roots(p))
+    assert importers == [OWNER[library]]

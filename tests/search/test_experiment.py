@@ -339,13 +339,3 @@ def test_resources_must_be_whole_above_one_and_result_a_mapping() -> None:
     assert lines[0].startswith("search.resources.cpu: must be a number >= 0")
     assert lines[1].startswith("search.resources.gpu: must be a number >= 0, a fraction or a whole number, got 1.5")
     assert lines[2] == "result: expected a mapping, got list"
-
-
-def test_loading_and_exporting_import_neither_ray_nor_mlflow_nor_optuna() -> None:
-    import subprocess
-    import sys
-
-    code = ("import sys, search.experiment, search.space, search.export; "
-            "print(sorted(m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
