@@ -136,9 +136,14 @@ def test_fractions_that_leave_no_training_data_are_refused():
 
 
 def test_datasets_to_moves_every_split(digits: Datasets):
-    moved = digits.to(torch.device("cpu"))
+    """To another device (PyTorch's "meta" device stands in for a GPU here): every tensor of every split moves,
+    and shapes, dtypes and the class count come along."""
+    moved = digits.to(torch.device("meta"))
     assert isinstance(moved, Datasets) and moved.num_classes == digits.num_classes
-    assert all(s.images.device.type == "cpu" for s in (moved.train, moved.val, moved.test))
+    for before, after in zip((digits.train, digits.val, digits.test), (moved.train, moved.val, moved.test)):
+        assert after.images.device.type == after.labels.device.type == "meta"
+        assert after.images.shape == before.images.shape and after.images.dtype == torch.uint8
+        assert before.images.device.type == "cpu"                      # the original is left where it was
 
 
 def test_split_rejects_float_images_and_mismatched_labels():

@@ -137,10 +137,15 @@ def test_resolve_device() -> None:
             resolve_device("cuda")
 
 
-def test_attention_routing_trains(small: Datasets) -> None:
-    metrics = train(model_preset("tiny", routing="attention", attention_prior=True), SMALL, _cpu(), datasets=small)
-    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
-    assert 0.0 <= metrics["val_acc"] <= 1.0
+def test_attention_routing_learns(small: Datasets) -> None:
+    """The attention variant is a working classifier, not only a finite one: its loss falls every epoch and it
+    beats chance (10 classes) by far on held-out digits after 4 short epochs (measured: 0.44 -> 0.84)."""
+    history: list[dict[str, float]] = []
+    train(model_preset("tiny", routing="attention", attention_prior=True), SMALL,
+          _cpu(epochs=4, optimizer="adam", lr=3.0e-3), history.append, datasets=small)
+    losses = [m["train_loss"] for m in history]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert history[-1]["val_acc"] > 0.6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
