@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from search import tracking
+from search.report import FIGURES
 from search.tune import SearchResult, run_search
 from tests.search.test_tune import _experiment
 
@@ -167,8 +168,13 @@ def test_the_parent_run_holds_the_report(searched, server, browser):
     html = page.get_by_text(re.compile(r"\.html$")).first
     html.wait_for(timeout=WAIT_MS)
     html.click()
-    page.wait_for_timeout(3000)                       # the artifact preview loads the page in an iframe
+    drawn, deadline = 0, time.monotonic() + WAIT_MS / 1000   # the preview shows the page in an iframe
+    while drawn < len(FIGURES) and time.monotonic() < deadline:
+        page.wait_for_timeout(1000)
+        counts = [f.evaluate("document.querySelectorAll('.js-plotly-plot').length") for f in page.frames[1:]]
+        drawn = max(counts, default=0)
     _shot(page, "3-parent-run-report")
+    assert drawn == len(FIGURES), f"the report preview drew {drawn} of {len(FIGURES)} figures"
 
 
 def test_the_best_runs_metric_chart_renders(searched, server, browser):
