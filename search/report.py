@@ -62,19 +62,15 @@ class SearchData:
 
 # ---------------------------------------------------------------- gathering
 
-def _is_smoke(run: tracking.RunRecord) -> bool:
-    return run.tags.get("drcaps.smoke_test", "").lower() == "true"
-
-
 def _load(uri: str, experiment: str, parent_run_id: str | None) -> SearchData:
     from search.experiment import experiment_from_dict
 
     if parent_run_id is None:
-        searches = [r for r in tracking.search_runs(uri, experiment) if not _is_smoke(r)]
-        if not searches:
-            raise tracking.TrackingError(f"EXPERIMENT: no search of {experiment!r} at {uri} (smoke tests left out); "
-                                         "run 'drcaps search' first, or pass the --tracking-uri the search used")
-        parent = searches[0]
+        latest = tracking.latest_search_run(uri, experiment)      # smoke tests do not count
+        if latest is None:
+            raise tracking.TrackingError(f"EXPERIMENT: no search of {experiment!r} at {uri}; run 'drcaps search' "
+                                         "first, or pass the --tracking-uri the search used")
+        parent = latest
     else:
         parent = tracking.get_run(uri, parent_run_id)
     raw = json.loads(tracking.read_text_artifact(uri, parent.run_id, "resolved_experiment.json"))
