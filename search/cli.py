@@ -37,26 +37,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
 
 
+# Every typed flag of `drcaps train` and the dotted field it sets: (flag, field, type, choices, help). The one table
+# both the parser and run_overrides read, so a flag cannot be added to one and forgotten in the other.
+RUN_FLAGS: tuple[tuple[str, str, type, tuple[str, ...] | None, str], ...] = (
+    ("--preset", "model.preset", str, None, "model preset: paper | small | tiny (default: paper, or the config's)"),
+    ("--epochs", "train.epochs", int, None, "train.epochs"),
+    ("--batch-size", "data.batch_size", int, None, "data.batch_size"),
+    ("--lr", "train.lr", float, None, "train.lr"),
+    ("--momentum", "train.momentum", float, None, "train.momentum (SGD)"),
+    ("--optimizer", "train.optimizer", str, ("sgd", "adam"), "train.optimizer"),
+    ("--seed", "train.seed", int, None, "train.seed"),
+    ("--log-interval", "train.log_interval", int, None, "train.log_interval: batches between progress updates"),
+    ("--eval-interval", "train.eval_interval", int, None, "train.eval_interval: epochs between validation passes"),
+    ("--units", "model.units", int, None, "model.units: the digit-capsule dimension"),
+    ("--num-iterations", "model.routing_iterations", int, None, "model.routing_iterations"),
+    ("--routing", "model.routing", str, ("dynamic", "attention"), "model.routing"),
+    ("--dataset", "data.dataset", str, None, "data.dataset: digits | mnist | fashion-mnist | kmnist | cifar10 | idx"),
+    ("--data-dir", "data.data_dir", str, None, "data.data_dir: torchvision root, or a folder of IDX files (idx)"),
+)
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of the original single-run script, plus dataset/routing/optimizer/preset."""
+    """The flags of the original single-run script (RUN_FLAGS), plus --config, --set and --no-cuda."""
     p.add_argument("--config", type=Path, help="an experiment YAML (e.g. one written by export-best) to start from")
-    p.add_argument("--preset", help="model preset: paper | small | tiny (default: paper, or the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any field by its dotted name, e.g. --set train.lr=3.0e-4 (repeatable)")
-    p.add_argument("--epochs", type=int, help="train.epochs")
-    p.add_argument("--batch-size", type=int, help="data.batch_size")
-    p.add_argument("--lr", type=float, help="train.lr")
-    p.add_argument("--momentum", type=float, help="train.momentum (SGD)")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], help="train.optimizer")
-    p.add_argument("--seed", type=int, help="train.seed")
+                   help="override any field by its dotted name, e.g. --set train.lr=3e-4 (repeatable)")
+    for flag, _, kind, choices, text in RUN_FLAGS:
+        p.add_argument(flag, type=kind, choices=list(choices) if choices else None, help=text)
     p.add_argument("--no-cuda", action="store_true", help="never use CUDA, even when available (train.device=cpu)")
-    p.add_argument("--log-interval", type=int, help="train.log_interval: batches between progress updates")
-    p.add_argument("--eval-interval", type=int, help="train.eval_interval: epochs between validation passes")
-    p.add_argument("--units", type=int, help="model.units: the digit-capsule dimension")
-    p.add_argument("--num-iterations", type=int, help="model.routing_iterations")
-    p.add_argument("--routing", choices=["dynamic", "attention"], help="model.routing")
-    p.add_argument("--dataset", help="data.dataset: digits | mnist | fashion-mnist | kmnist | cifar10 | idx")
-    p.add_argument("--data-dir", help="data.data_dir: torchvision root, or a folder of IDX files with --dataset idx")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where to export the best config (default: <experiment>.best.yaml here)")
     p.add_argument("--resume", action="store_true", help="resume the interrupted search of this experiment")
     p.add_argument("--smoke-test", action="store_true", help="2 trials x 1 epoch on at most 256 images")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="also show Ray Tune's own trial tables and the libraries' logs")
 
     p = sub.add_parser("export-best", help="write the best trial's config (+ metrics, run id, model URI)")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (the experiment file's name)")
@@ -117,15 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_overrides(args: argparse.Namespace) -> list[str]:
     """The typed flags as ``--set`` overrides, so every value goes through one validation path."""
-    pairs: list[tuple[str, Any]] = [
-        ("model.preset", args.preset), ("train.epochs", args.epochs), ("data.batch_size", args.batch_size),
-        ("train.lr", args.lr), ("train.momentum", args.momentum), ("train.optimizer", args.optimizer),
-        ("train.seed", args.seed), ("train.log_interval", args.log_interval),
-        ("train.eval_interval", args.eval_interval), ("model.units", args.units),
-        ("model.routing_iterations", args.num_iterations), ("model.routing", args.routing),
-        ("data.dataset", args.dataset), ("data.data_dir", args.data_dir),
-    ]
-    out = [f"{key}={value}" for key, value in pairs if value is not None]
+    out = [f"{field}={value}" for flag, field, *_ in RUN_FLAGS if (value := getattr(args, _dest(flag))) is not None]
     if args.no_cuda:
         out.append("train.device=cpu")
     return out + list(args.set)
