@@ -48,7 +48,10 @@ class DivergedError(DrcapsError):
 
     def __init__(self, epoch: int, what: str) -> None:
         super().__init__(f"diverged at epoch {epoch} ({what}); lower train.lr, or bound the search space")
-        self.epoch = epoch
+        self.epoch, self.what = epoch, what
+
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:     # pickle/copy (Ray ships errors between processes)
+        return type(self), (self.epoch, self.what)
 
 
 class SearchFailedError(DrcapsError):

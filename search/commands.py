@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -167,6 +168,32 @@ def validate_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+MAX_CORNERS = 4096   # space corners tried up front: every combination of each field's ends (or choices)
+
+
+def _check_space_corners(exp: Any) -> None:
+    """Fields that are fine alone can clash together (``model.conv_kernel`` and ``model.primary_kernel`` both at
+    their highs leave no capsule grid): try every combination of each searched field's ends or choices, so a
+    config error surfaces here, once, and not inside trials that Ray would retry."""
+    import itertools
+
+    from search.space import apply_params
+
+    space = exp.search.space
+    candidates = [list(spec.choices) if spec.type == "categorical" else [spec.low, spec.high]
+                  for spec in space.values()]
+    if not candidates or math.prod(len(c) for c in candidates) > MAX_CORNERS:
+        return
+    for values in itertools.product(*candidates):
+        params = dict(zip(space, values))
+        try:
+            apply_params(exp, params)
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ConfigError(f"search.space: the combination {shown} is rejected ({e}); narrow those "
+                              "ranges") from None
+
+
 def _preflight_data(run: RunConfig, space: dict[str, Any]) -> None:
     """Load the data once up front (a torchvision dataset is downloaded here, once, not by every trial) and check
     that the model and every value the search may propose fit it."""
@@ -256,6 +283,7 @@ def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
     _check_output("--out", csv)
     check_search(checked, uri, storage_root, args.resume)
     preflight.check_address(args.address)
+    _check_space_corners(checked)
     _preflight_data(checked.run, dict(checked.search.space))
     try:
         result = run_search(exp, address=args.address, tracking_uri=uri, storage_path=storage_root,

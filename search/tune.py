@@ -389,6 +389,7 @@ def _run_search(exp: Experiment, *, address: str | None, tracking_uri: str | Non
     except BaseException:
         tracking.end_run(uri, parent_run_id, "KILLED")
         raise
+    _remove_temp_folders([str((r.metrics or {}).get("trial_id") or Path(r.path).name) for r in results])
     return _finish(exp, results, uri, mlflow_experiment, parent_run_id, study_name, storage_url, str(exp_dir))
 
 
@@ -431,6 +432,10 @@ def _finish(exp: Experiment, results: Any, uri: str, mlflow_experiment: str, par
         if r is not None and r.status == "RUNNING":
             status = {"finished": "FINISHED", "stopped_early": "KILLED"}.get(t.outcome, "FAILED")
             tracking.end_run(uri, r.run_id, status, {"drcaps.outcome": t.outcome})
+    ranked_ids = {t.trial_id for t in trials}
+    for trial_id, r in runs.items():              # a trial lost with a killed driver: Ray restarted it anew
+        if r.status == "RUNNING" and trial_id not in ranked_ids:
+            tracking.end_run(uri, r.run_id, "KILLED", {"drcaps.outcome": "interrupted"})
     scored = [t for t in trials if t.outcome != "failed" and math.isfinite(t.metric)]
     if not scored:
         tracking.end_run(uri, parent_run_id, "FAILED", {"drcaps.failure_reason": "no trial reported a metric"})
