@@ -285,6 +285,7 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
     preflight.check_resources(dataclasses.asdict(exp.search.resources), _cluster_resources(), address)
     lock = preflight.SearchLock(storage_root / exp.name / preflight.LOCK_FILE).acquire(exp.name)
     try:
+        _create_optuna_schema(optuna_storage_url(exp, uri))
         return _run_search(exp, address=address, tracking_uri=uri, storage_path=storage_root,
                            resume=resume, smoke_test=smoke_test, verbose=verbose)
     finally:
@@ -301,6 +302,26 @@ def check_search(exp: Experiment, uri: str, storage_root: Path, resume: bool) ->
     s = exp.search
     preflight.check_metric_every_epoch(s.metric, exp.run.train.epochs, exp.run.train.eval_interval, s.space,
                                        s.scheduler.name)
+
+
+def _create_optuna_schema(storage_url: str) -> None:
+    """Create a SQLite Optuna storage's tables under an exclusive lock on its folder: two searches started at once
+    in a fresh folder would otherwise race in SQLAlchemy's create_all ("table ... already exists")."""
+    if not storage_url.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    import optuna
+
+    folder = Path(storage_url.removeprefix("sqlite:///").partition("?")[0]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        optuna.storages.RDBStorage(storage_url)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _cluster_resources() -> dict[str, float]:

@@ -268,3 +268,65 @@ def test_resume_finishes_the_same_search_with_one_run_per_trial(interrupted):
     assert parent.tags["drcaps.best_trial_id"] in trial_ids
     assert (it.tmp / "resume-e2e.best.yaml").exists()
     assert f"exported best config: {it.tmp / 'resume-e2e.best.yaml'}" in it.resumed.stdout
+
+
+# ---------------------------------------------------------------- 3. the driver SIGKILLed, then --resume
+
+KILLED_YAML = EXPERIMENT_YAML.replace("resume-e2e", "killed-e2e").replace("num_samples: 3", "num_samples: 4") \
+    .replace("epochs: 2", "epochs: 3")
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_is_sigkilled_reconciles_optuna_mlflow_and_temp_folders(tmp_path):
+    import tempfile
+
+    import optuna
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    (tmp_path / "exp.yaml").write_text(KILLED_YAML.format(db=db))
+    cmd = [str(DRCAPS), "search", str(tmp_path / "exp.yaml"), "--storage-path", str(tmp_path / "ray")]
+    state_file = tmp_path / "ray" / "killed-e2e" / STATE_FILE
+    err = tmp_path / "first.err"
+    with err.open("w") as e:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=e, start_new_session=True)
+    try:
+        finished, deadline = 0, time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state_file.exists():
+                parent = tracking.latest_search_run(uri, "killed-e2e")
+                finished = _finished_children(uri, parent.run_id) if parent else 0
+                if finished >= 1:
+                    time.sleep(3)                    # into the next trial's training
+                    break
+            time.sleep(0.5)
+        assert proc.poll() is None and finished >= 1, f"no trial finished before the kill:\n{_tail(err)}"
+        os.killpg(proc.pid, signal.SIGKILL)          # the driver and everything in its group, no clean-up at all
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    parent = tracking.latest_search_run(uri, "killed-e2e")
+    before = optuna.load_study(study_name=parent.tags["drcaps.study_name"],
+                               storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    print(f"optuna trials when the driver was killed: {[t.state.name for t in before.trials]}")
+    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             start_new_session=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    parent = tracking.latest_search_run(uri, "killed-e2e")
+    assert parent.status == "FINISHED"
+    study = optuna.load_study(study_name=parent.tags["drcaps.study_name"],
+                              storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    print(f"optuna trials after resume: {states}")
+    assert len(study.trials) == 4, states                                   # exactly num_samples
+    assert not any(s in ("RUNNING", "WAITING") for s in states), states
+    children = tracking.child_runs(uri, parent.run_id)
+    assert all(c.status != "RUNNING" for c in children), [(c.tags["drcaps.trial_id"], c.status) for c in children]
+    for child in children:                                                   # re-trained epochs logged once
+        steps = [step for step, _ in tracking.metric_history(uri, child.run_id, "epoch")]
+        assert len(steps) == len(set(steps)), (child.tags["drcaps.trial_id"], steps)
+    leftovers = [p for c in children for p in Path(tempfile.gettempdir()).glob(f"drcaps-{c.tags['drcaps.trial_id']}-*")]
+    assert leftovers == [], leftovers
