@@ -268,6 +268,11 @@ def _fmt(value: Any) -> str:
 
 
 def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    from search.tune import is_ray_client
+
+    if is_ray_client(args.address):            # the whole command runs on the cluster's head (docs/cluster.md)
+        return search_through_ray_client(args, overrides)
+    _node_defaults(args, overrides)
     from search import preflight, tracking
     from search.experiment import load_experiment
     from search.export import best_experiment, export_best
@@ -376,3 +381,101 @@ def ui_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0   # not reached: exec replaces this process
 
 
+# ---------------------------------------------------------------- search on a Ray cluster (docs/cluster.md)
+
+NODE_TRACKING_ENV = "MLFLOW_TRACKING_URI"   # MLflow's own variable; docker-compose.yml sets it on every Ray node
+NODE_STORAGE_ENV = "DRCAPS_STORAGE_PATH"     # Ray's storage_path as the cluster's nodes see it (a shared volume)
+
+
+def _node_defaults(args: argparse.Namespace, overrides: list[str]) -> None:
+    """What the machine the search driver runs on says when the command line and the experiment do not: the
+    tracking URI from ``MLFLOW_TRACKING_URI``, Ray's storage folder from ``DRCAPS_STORAGE_PATH`` (and the Optuna
+    storage from ``DRCAPS_OPTUNA_STORAGE``: search.tune.optuna_storage_url). On a node of docker-compose.yml they
+    name the stack's MLflow server, its shared ``runs`` volume and its PostgreSQL; elsewhere they are usually unset."""
+    from search.experiment import load_experiment
+
+    if args.tracking_uri is None and os.environ.get(NODE_TRACKING_ENV) \
+            and load_experiment(args.experiment, overrides).tracking.uri is None:
+        args.tracking_uri = os.environ[NODE_TRACKING_ENV]
+    if args.storage_path is None and os.environ.get(NODE_STORAGE_ENV):
+        args.storage_path = Path(os.environ[NODE_STORAGE_ENV])
+
+
+def search_through_ray_client(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``drcaps search --address ray://HOST:10001``: this machine is only a Ray Client; it need not reach MLflow,
+    PostgreSQL or Ray's storage folder. The whole command (:func:`search_on_head`: every check, the search, the
+    export) runs as one task on the cluster's head, with every URI and path as the cluster sees it. Here: the checks
+    that need nothing but this machine, then the exported files are written here and the summary printed.
+    Ctrl-C cancels the search on the cluster (its state saved, parent run KILLED) and exits with code 130."""
+    from search import tracking
+    from search.experiment import load_experiment
+    from search.tune import run_on_head
+
+    exp = load_experiment(args.experiment, overrides)
+    if explicit := args.tracking_uri or exp.tracking.uri:
+        tracking.check_tracking_uri_from_client(tracking.resolve_tracking_uri(explicit),
+                                                "--tracking-uri" if args.tracking_uri else "tracking.uri")
+    storage = exp.search.storage or ""
+    if storage.startswith("sqlite:"):
+        raise ConfigError(f"search.storage: {storage} is a SQLite file on this machine, which the Ray cluster's head "
+                          "(where a search started with --address ray://... runs) cannot open; use a postgresql:// "
+                          "server the cluster reaches, or leave it out to use the head's DRCAPS_OPTUNA_STORAGE, or "
+                          "run the search inside the stack (docker compose exec ray-head drcaps search ... "
+                          "--address auto)")
+    out = (args.out or Path.cwd() / "placeholder").resolve().parent
+    _check_output("--out", out, folder=True)
+    print(f"running the search on the Ray cluster at {args.address}: the whole driver runs on its head node "
+          "(follow the trials in the MLflow UI); its output follows when it ends", flush=True)
+    remote = argparse.Namespace(**{**vars(args), "address": None})
+    try:
+        outcome = run_on_head(args.address, search_on_head, remote, overrides, Path(args.experiment).read_text())
+    except KeyboardInterrupt:
+        again = f"drcaps search {args.experiment} --resume --address {args.address}" + "".join(
+            f" {flag} {value}" for flag, value in (("--storage-path", args.storage_path),
+                                                   ("--tracking-uri", args.tracking_uri)) if value) + (
+            " --smoke-test" if args.smoke_test else "")
+        print(f"interrupted: the search's state is saved on the cluster; continue it with\n  {again}",
+              file=sys.stderr)
+        return 130
+    if outcome["error"] is not None:
+        raise outcome["error"]
+    for name, content in outcome["files"].items():           # the exported config, all trials, ...
+        (out / name).write_bytes(content)
+    here = {outcome["out"]: str(out), outcome["experiment"]: str(Path(args.experiment).resolve().parent)}
+    for text, stream in ((outcome["stdout"], sys.stdout), (outcome["stderr"], sys.stderr)):
+        for there, path in here.items():                      # the paths it printed, as they are on this machine
+            text = text.replace(there, path)
+        stream.write(text)
+    return outcome["code"]
+
+
+def search_on_head(args: argparse.Namespace, overrides: list[str], experiment_text: str) -> dict[str, Any]:
+    """``drcaps search`` as a task on the head node (search.tune.run_on_head): the same command over a copy of the
+    experiment file (``experiment_text``), its files written to a temporary folder and its output captured, all
+    returned as plain data: ``error`` (a DrcapsError, raised again on the client), else ``code``, ``stdout``,
+    ``stderr``, ``files`` ({name: bytes}) and the temporary folders (``out``, ``experiment``) the output names.
+    A Ctrl-C on the client arrives here as KeyboardInterrupt: the search stops as it would on a terminal."""
+    import contextlib
+    import io
+
+    from drcapsnet.errors import DrcapsError
+    from search.experiment import load_experiment
+    from search.tune import smoke_experiment
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with tempfile.TemporaryDirectory(prefix="drcaps-out-") as out, \
+            tempfile.TemporaryDirectory(prefix="drcaps-exp-") as folder:
+        experiment = Path(folder) / Path(args.experiment).name
+        experiment.write_text(experiment_text)
+        try:
+            exp = load_experiment(experiment, overrides)
+            name = args.out.name if args.out else \
+                f"{(smoke_experiment(exp) if args.smoke_test else exp).name}.best.yaml"
+            local = argparse.Namespace(**{**vars(args), "experiment": experiment, "out": Path(out) / name})
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                code = search_command(local, overrides)
+        except DrcapsError as e:
+            return {"error": e}
+        files = {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()}
+    return {"error": None, "code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "files": files,
+            "out": out, "experiment": folder}

@@ -70,6 +70,40 @@ def resolve_tracking_uri(uri: str | None, workdir: Path | None = None) -> str:
     return uri
 
 
+def _check_host_accepted(uri: str, timeout_s: float) -> None:
+    """MLflow 3's server answers API calls (not /health) with 403 "Invalid Host header" when the Host name the
+    client uses is not in its ``--allowed-hosts`` (default: localhost and private IPs, so not a compose service or
+    a machine's name): say so before any run is created, not in a traceback from the first trial."""
+    from urllib.parse import urlsplit
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:   # noqa: S310 (http(s) only)
+            resp.read(64)
+    except urllib.error.HTTPError as e:
+        body = e.read(512).decode(errors="replace") if e.fp else ""
+        if e.code == 403 and "Invalid Host header" in body:
+            host = urlsplit(uri).netloc
+            name = urlsplit(uri).hostname or host
+            raise TrackingError(f"tracking.uri: the MLflow server at {uri} refuses the Host name {host!r} (HTTP 403 "
+                                f"Invalid Host header); start it with mlflow server --allowed-hosts "
+                                f"{name},{name}:* (docker-compose.yml: MLFLOW_ALLOWED_HOSTS)") from None
+    except (urllib.error.URLError, OSError):
+        return                                    # /health answered; let MLflow report anything else itself
+
+
+def check_tracking_uri_from_client(uri: str, option: str = "--tracking-uri") -> None:
+    """Under Ray Client (``--address ray://``) the search runs on the cluster's head, not here: a SQLite file (or
+    a file store) named on this machine is not there. Servers are checked where the search runs, not here."""
+    if uri in ("databricks", "databricks-uc") or "://" in uri and not uri.startswith(("sqlite:", "file:")):
+        return
+    raise TrackingError(f"{option}: {uri} is a file on this machine, which the Ray cluster's head (where a search "
+                        "started with --address ray://... runs) cannot open; give a tracking server the cluster "
+                        "reaches (http://mlflow:5000 in docker-compose.yml) or leave it out to use the head's "
+                        "MLFLOW_TRACKING_URI, or run the search inside the stack (docker compose exec ray-head "
+                        "drcaps search ... --address auto)")
+
+
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").partition("?")[0]) if uri.startswith("sqlite:///") else None
 
@@ -99,6 +133,7 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", None) or e
             raise TrackingError(f"tracking.uri: cannot reach {uri}: {reason}; {_HINT}") from e
+        _check_host_accepted(uri, timeout_s)
     elif (path := _sqlite_path(uri)) is not None:
         if str(path) in ("", ":memory:") or not path.is_absolute():
             raise TrackingError(f"tracking.uri: {uri} must name an absolute SQLite file that trial processes "

@@ -104,6 +104,7 @@ def _trial(params: dict[str, Any], ctx: TrialContext) -> None:
         with restored.as_directory() as d:
             shutil.copy2(Path(d) / LAST, work / LAST)
         resume = work / LAST
+    logger.set_tags(_node_tags(resume))
 
     ended = False
 
@@ -155,9 +156,12 @@ def _git_commit() -> str:
 
 
 def optuna_storage_url(exp: Experiment, tracking_uri: str) -> str:
-    """The experiment's ``search.storage``, else SQLite next to a local MLflow store, else ./optuna.db."""
+    """The experiment's ``search.storage``, else ``$DRCAPS_OPTUNA_STORAGE`` (this machine's), else SQLite next to
+    a local MLflow store, else ./optuna.db."""
     if exp.search.storage:
         return exp.search.storage
+    if os.environ.get(OPTUNA_STORAGE_ENV):              # the machine's own (docker-compose.yml sets it)
+        return os.environ[OPTUNA_STORAGE_ENV]
     if tracking_uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
     return f"sqlite:///{Path.cwd() / 'optuna.db'}"
@@ -487,3 +491,68 @@ def _finish(exp: Experiment, results: Any, uri: str, mlflow_experiment: str, par
         | ({"drcaps.registration_error": problems[0]} if problems else {}))
     return SearchResult(exp, best, trials, best_config, uri, parent_run_id, best_run.run_id if best_run else None,
                         model_uri, study_name, storage_url, experiment_path, problems=tuple(problems))
+
+
+# ================================================================ Ray Client: the search driver as a task on the head
+#
+# `drcaps search --address ray://HOST:10001` makes this process a Ray Client only: the machine it runs on need not
+# reach the MLflow server, PostgreSQL or Ray's storage folder. The whole command (search.commands.search_on_head:
+# every check, run_search, the export) runs as ONE Ray task pinned to the head node, where URIs and paths are as the
+# cluster sees them (the head's MLFLOW_TRACKING_URI, DRCAPS_OPTUNA_STORAGE and DRCAPS_STORAGE_PATH, which
+# docker-compose.yml sets). The task returns plain data. Tune's own Ray Client support is not enough: it moves only
+# Tuner.fit to the head, leaving the parent run, the Optuna study and the export here, against URIs this machine may
+# not reach (issue 6: "unable to open database file" on the head, after a parent run was already made here).
+# A Ctrl-C here cancels the task: Ray raises KeyboardInterrupt in it, Tune saves its state and the search ends as on
+# a terminal (parent run KILLED); this side waits for that, then exits with code 130.
+
+OPTUNA_STORAGE_ENV = "DRCAPS_OPTUNA_STORAGE"   # the Optuna storage URL as the driver's machine sees it
+HEAD_RESOURCE = "node:__internal_head__"       # a resource only the head node has
+CANCEL_WAIT_S = 120.0                          # how long a Ctrl-C waits for the head task to save and close its runs
+
+
+def is_ray_client(address: str | None) -> bool:
+    """Whether a search joins its cluster through Ray Client (``--address ray://...``, or ``RAY_ADDRESS``)."""
+    return (address or os.environ.get("RAY_ADDRESS") or "").startswith("ray://")
+
+
+def _on_head(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def run_on_head(address: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` as one Ray task on the head node of the cluster at ``address`` (``ray://HOST:PORT``); its
+    result. ``fn`` must be importable on the cluster (drcaps installed there, the same version) and return plain
+    data. The task asks for no CPU (the head of docker-compose.yml offers none to trials) and is never retried."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    _init_ray(address, 0)
+    try:
+        task = ray.remote(num_cpus=0, max_retries=0, resources={HEAD_RESOURCE: 0.001})(_on_head)
+        ref = task.remote(fn, *args)
+        try:
+            return ray.get(ref)
+        except KeyboardInterrupt:
+            ray.cancel(ref)                       # KeyboardInterrupt in the task: the search stops and saves
+            with contextlib.suppress(RayError, GetTimeoutError, KeyboardInterrupt):
+                ray.get(ref, timeout=CANCEL_WAIT_S)
+            raise
+    finally:
+        ray.shutdown()
+
+
+def _node_tags(resumed_from: Path | None) -> dict[str, str]:
+    """Where this attempt of a trial runs (``drcaps.node``: host name, ``drcaps.node_ip``, ``drcaps.node_id``), and
+    for a restarted trial the epoch its checkpoint held (``drcaps.resumed_from_epoch``)."""
+    import socket
+
+    import ray
+
+    from drcapsnet.checkpoint import load_checkpoint
+
+    ctx = ray.get_runtime_context()
+    tags = {"drcaps.node": socket.gethostname(), "drcaps.node_ip": ray.util.get_node_ip_address(),
+            "drcaps.node_id": ctx.get_node_id()}
+    if resumed_from is not None:
+        tags["drcaps.resumed_from_epoch"] = str(load_checkpoint(resumed_from)["epoch"])
+    return tags

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class Head:
     address: str           # HOST:PORT of the GCS, what `ray start --address` and `drcaps search --address` take
     client_address: str   # ray://HOST:PORT of its Ray Client server
     temp_dir: str
+    store: Path            # the head's own MLflow store, Optuna storage and Ray storage (its environment names them)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,11 @@ def ray_head() -> Iterator[Head]:
     port, client_port = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")            # short: Ray's unix sockets live under it
     subprocess.run([str(RAY), "get-auth-token", "--generate"], capture_output=True, timeout=60, check=True)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}   # ~/.ray/auth_token
+    store = Path(tempfile.mkdtemp(prefix="drcaps-head-"))
+    # As docker-compose.yml sets them on its nodes: what a search driven from a Ray Client uses on the head.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",   # ~/.ray/auth_token
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+           "DRCAPS_OPTUNA_STORAGE": f"sqlite:///{store / 'optuna.db'}", "DRCAPS_STORAGE_PATH": str(store / "ray")}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                              "--ray-client-server-port", str(client_port), "--num-cpus", "2", "--num-gpus", "0",
@@ -65,7 +72,7 @@ def ray_head() -> Iterator[Head]:
         else:
             pytest.fail("ray start --head did not listen within 90 s")
         time.sleep(3)                                                # raylet registers after GCS
-        yield Head(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}", temp_dir)
+        yield Head(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}", temp_dir, store)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -73,6 +80,7 @@ def ray_head() -> Iterator[Head]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         _kill_leftovers(temp_dir)            # not `ray stop`: that stops every Ray on the machine, CI's own too
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def _kill_leftovers(temp_dir: str) -> None:
@@ -139,8 +147,72 @@ def test_a_cluster_that_wants_a_token_gets_one_clear_error_and_nothing_recorded(
 
 
 @pytest.mark.slow
-def test_search_through_ray_client(ray_head, tmp_path):
-    """`--address ray://HOST:10001`: Tune's driver then runs on the cluster, the CLI stays a client."""
-    proc, uri = _drcaps_search(tmp_path, ray_head.client_address, _env_without_ray(RAY_AUTH_MODE="token"))
+def test_search_through_ray_client_runs_its_driver_on_the_head(ray_head, tmp_path):
+    """`--address ray://HOST:10001`: the whole driver runs as a task on the head, with the head's tracking URI,
+    Optuna storage and Ray storage (its environment's); this side only writes the exported files and prints."""
+    (tmp_path / "exp.yaml").write_text(json.dumps(EXPERIMENT))          # no tracking URI: the head's
+    proc = subprocess.run([str(Path(sys.executable).parent / "drcaps"), "search", str(tmp_path / "exp.yaml"),
+                           "--address", ray_head.client_address], cwd=tmp_path,
+                          env=_env_without_ray(RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=300)
+    uri = f"sqlite:///{ray_head.store / 'mlflow.db'}"
     _assert_search_finished(proc, uri)
-    assert "best" in proc.stdout.lower(), proc.stdout[-2000:]
+    parent = tracking.latest_search_run(uri, "cluster-e2e")
+    assert (ray_head.store / "optuna.db").exists() and (ray_head.store / "ray" / "cluster-e2e").is_dir()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "drcaps-runs").exists()
+    exported = (tmp_path / "cluster-e2e.best.yaml").read_text()       # written here, from the head's export
+    assert parent.tags["drcaps.best_run_id"] in exported
+    assert (tmp_path / "cluster-e2e.best.trials.csv").read_text().count("\n") == 3   # header + 2 trials
+    assert f"exported best config: {tmp_path / 'cluster-e2e.best.yaml'}" in proc.stdout, proc.stdout[-2000:]
+    children = tracking.child_runs(uri, parent.run_id)
+    assert all(r.tags.get("drcaps.node") == socket.gethostname() for r in children)   # each trial says where
+
+
+@pytest.mark.parametrize("flag", [["--tracking-uri", "sqlite:///{tmp}/mlflow.db"], ["--set", "search.storage=sqlite:///{tmp}/o.db"]])
+def test_ray_client_refuses_a_sqlite_file_on_this_machine_before_connecting(tmp_path, flag):
+    """Under ray:// a SQLite file named here is not on the head: one line, exit 2, before any connection (the
+    address here answers nothing) and before anything is created."""
+    (tmp_path / "exp.yaml").write_text(json.dumps(EXPERIMENT))
+    args = [a.format(tmp=tmp_path) for a in flag]
+    proc = subprocess.run([str(Path(sys.executable).parent / "drcaps"), "search", str(tmp_path / "exp.yaml"),
+                           "--address", f"ray://127.0.0.1:{_free_port()}", *args], cwd=tmp_path,
+                          env=_env_without_ray(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "file on this machine" in lines[0] and "docker compose exec ray-head" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp.yaml"]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_refuses_the_host_name_is_one_line_before_any_run(tmp_path):
+    """MLflow 3 answers API calls from a Host name outside --allowed-hosts with 403 "Invalid Host header" (its
+    /health still answers): the check says which flag fixes it, exit 2, and no run is created."""
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1", "--allowed-hosts", "mlflow.example",
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        (tmp_path / "exp.yaml").write_text(json.dumps(EXPERIMENT))
+        proc = subprocess.run([str(Path(sys.executable).parent / "drcaps"), "search", str(tmp_path / "exp.yaml"),
+                               "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")], cwd=tmp_path,
+                              env=_env_without_ray(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Invalid Host header" in lines[0], lines
+        assert "--allowed-hosts 127.0.0.1,127.0.0.1:*" in lines[0], lines
+        assert not (tmp_path / "ray").exists()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    from mlflow import MlflowClient  # read the server's store directly: no run was created
+    client = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
