@@ -13,7 +13,7 @@ Reported: each arm's best val accuracy after spending 25%, 50% and 100% of the b
 trial-epochs each arm needed to reach random search's final best, seed by seed, as a ratio of random's own.
 
     python benchmarks/search_efficiency.py            # small preset, budget 60 trial-epochs, seeds 0-2
-    python benchmarks/search_efficiency.py --quick    # tiny preset, 3 epochs, budget 18, seeds 0-2 (minutes)
+    python benchmarks/search_efficiency.py --quick    # tiny, 3 epochs, budget 12: a smoke, too small to separate arms
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main() -> None:
     exp = load_experiment(args.experiment)
     preset = args.preset or ("tiny" if args.quick else "small")      # the quickstart's is small
     epochs = args.epochs or (3 if args.quick else exp.run.train.epochs)
-    budget = args.budget or (18 if args.quick else 60)
+    budget = args.budget or (12 if args.quick else 60)
     seeds = [int(s) for s in args.seeds.split(",")]
     from search.space import make_sampler
 

@@ -37,6 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EPOCHS = 10
+LATENCIES: list[float] = []     # seconds per Optuna suggestion (calls that proposed a trial), in order
+
+
+def timed_limiter() -> type:
+    """Ray's ConcurrencyLimiter, timing each suggestion it passes through to the searcher."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    class Timed(ConcurrencyLimiter):
+        def suggest(self, trial_id: str) -> Any:
+            t0 = time.perf_counter()
+            out = super().suggest(trial_id)
+            if out is not None:
+                LATENCIES.append(time.perf_counter() - t0)
+            return out
+
+    return Timed
 
 
 def synthetic_trial(config: dict[str, Any], uri: str, experiment: str, parent_run_id: str) -> None:
@@ -46,6 +62,10 @@ def synthetic_trial(config: dict[str, Any], uri: str, experiment: str, parent_ru
     from search import tracking
     from search.tune import split_config
 
+    # As search.tune._trial does: with reuse_actors, Tune waits this long (default 2 s) for a stopped trial's thread
+    # to finish before reusing its actor. Past it the reuse fails, and the next trial never runs (seen here at
+    # 8 concurrent trials on SQLite: 2 of 150 trials lost, left RUNNING in Optuna).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     params, number = split_config(config)
     trial_id = tune.get_context().get_trial_id()
     writes, write_s = 0, 0.0
@@ -98,10 +118,9 @@ def main() -> None:
     args = parser.parse_args()
     trials = args.trials or (150 if args.quick else 1000)
 
+    import ray  # noqa: I001 (first: it puts its vendored psutil on sys.path)
     import psutil
-    import ray
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
 
     from search import tracking
     from search.experiment import experiment_from_dict
@@ -124,16 +143,7 @@ def main() -> None:
             "tracking": {"uri": uri, "experiment": "scale"}}, base_dir=tmp)
         parent = tracking.start_search_run(uri, "scale", run_name="scale", params={}, tags={})
         searcher = make_searcher(exp, "scale", storage_url)
-        latencies: list[float] = []
-        suggest = searcher.suggest
-
-        def timed_suggest(trial_id: str) -> Any:
-            t0 = time.perf_counter()
-            out = suggest(trial_id)
-            latencies.append(time.perf_counter() - t0)
-            return out
-
-        searcher.suggest = timed_suggest
+        latencies = LATENCIES
         ended = [0]
 
         class Count(tune.Callback):
@@ -160,7 +170,7 @@ def main() -> None:
             tune.with_resources(tune.with_parameters(synthetic_trial, uri=uri, experiment="scale",
                                                      parent_run_id=parent), {"cpu": 1}),
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=trials, reuse_actors=True,
-                                        search_alg=ConcurrencyLimiter(searcher, max_concurrent=args.concurrent),
+                                        search_alg=timed_limiter()(searcher, max_concurrent=args.concurrent),
                                         scheduler=_scheduler(exp, EPOCHS)),
             run_config=tune.RunConfig(name="scale", storage_path=str(tmp / "ray"), verbose=0, callbacks=[Count()]))
         results = tuner.fit()
