@@ -268,6 +268,9 @@ def _fmt(value: Any) -> str:
 
 
 def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    for flag, value in (("--tracking-uri", args.tracking_uri), ("--address", args.address)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag}: empty; leave it out for the default, or give a value")
     from search.tune import is_ray_client
 
     if is_ray_client(args.address):            # the whole command runs on the cluster's head (docs/cluster.md)
@@ -407,11 +410,12 @@ def search_through_ray_client(args: argparse.Namespace, overrides: list[str]) ->
     export) runs as one task on the cluster's head, with every URI and path as the cluster sees it. Here: the checks
     that need nothing but this machine, then the exported files are written here and the summary printed.
     Ctrl-C cancels the search on the cluster (its state saved, parent run KILLED) and exits with code 130."""
-    from search import tracking
+    from search import preflight, tracking
     from search.experiment import load_experiment
     from search.tune import run_on_head
 
     exp = load_experiment(args.experiment, overrides)
+    preflight.check_address(args.address)       # seconds, not Ray Client's 30 s connection timeout
     if explicit := args.tracking_uri or exp.tracking.uri:
         tracking.check_tracking_uri_from_client(tracking.resolve_tracking_uri(explicit),
                                                 "--tracking-uri" if args.tracking_uri else "tracking.uri")

@@ -445,7 +445,13 @@ def load_model(uri: str, model_uri: str) -> torch.nn.Module:
         raise TrackingError(f"--model-uri: {model_uri} is not in the registry at {uri} ({e.message}); "
                             "list models in 'drcaps ui', or pass the --tracking-uri the search used") from None
     with tempfile.TemporaryDirectory(prefix="drcaps-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+        except (MlflowException, OSError) as e:          # no such run, model, version or artifact
+            text = e.message if isinstance(e, MlflowException) else str(e)
+            reason = ([line.strip() for line in str(text).splitlines() if line.strip()] or [type(e).__name__])[-1]
+            raise TrackingError(f"--model-uri: cannot load {model_uri} from {uri} ({reason}); pass e.g. "
+                                "models:/<name>@best, models:/<name>/<version> or runs:/<run id>/model") from None
         return mlflow.pytorch.load_model(local, map_location="cpu")
 
 

@@ -31,8 +31,18 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An existing MLflow store (with one empty experiment) for the read-only commands."""
+    from search import tracking
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    tracking.ensure_experiment(uri, "x")
+    return uri
+
+
 @pytest.fixture()
-def files(tmp_path: Path) -> dict[str, str]:
+def files(tmp_path: Path, store: str) -> dict[str, str]:
     """Inputs outside the working folder: a good experiment, a bad YAML, an empty file, a plain file, a folder."""
     d = tmp_path / "inputs"
     d.mkdir()
@@ -44,7 +54,7 @@ def files(tmp_path: Path) -> dict[str, str]:
     (d / "folder").mkdir()
     return {"exp": str(d / "exp.yaml"), "bad": str(d / "bad.yaml"), "empty": str(d / "empty.yaml"),
             "binary": str(d / "binary.yaml"), "file": str(d / "afile"), "dir": str(d / "folder"),
-            "port": str(_closed_port())}
+            "port": str(_closed_port()), "store": store}
 
 
 # (case id, argv with {placeholders} from `files`, substrings the error line must hold)
@@ -113,6 +123,16 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-zero-batch", ["train", "--batch-size", "0"], ["data.batch_size"]),
     ("train-nan-lr", ["train", "--set", "train.lr=.nan"], ["train.lr"]),
     ("evaluate-without-store", ["evaluate", "--model-uri", "models:/x@best"], ["mlflow.db"]),
+    ("evaluate-garbage-model-uri", ["evaluate", "--model-uri", "garbage", "--tracking-uri", "{store}"],
+     ["--model-uri", "garbage"]),
+    ("evaluate-unknown-run", ["evaluate", "--model-uri", "runs:/nope/model", "--tracking-uri", "{store}"],
+     ["--model-uri", "nope"]),
+    ("evaluate-unknown-version", ["evaluate", "--model-uri", "models:/x/7", "--tracking-uri", "{store}"],
+     ["--model-uri"]),
+    ("export-best-no-search", ["export-best", "--experiment", "x", "--tracking-uri", "{store}", "--out",
+                               "{dir}/b.yaml"], ["'x'"]),
+    ("search-empty-tracking-uri", ["search", "{exp}", "--tracking-uri", ""], ["--tracking-uri", "empty"]),
+    ("search-empty-address", ["search", "{exp}", "--address", " "], ["--address", "empty"]),
     ("evaluate-zero-batch", ["evaluate", "--checkpoint", "{exp}", "--batch-size", "0"], ["--batch-size"]),
     ("export-best-without-store", ["export-best", "--experiment", "x", "--out", "{dir}/b.yaml"], ["mlflow.db"]),
     ("export-best-unknown-scheme", ["export-best", "--experiment", "x", "--tracking-uri", "foo://x",
