@@ -241,32 +241,6 @@ def export_from_tracking(uri: str, experiment: str, out: Path, fmt: str | None =
     return path, chosen
 
 
-def _print_ranking(result: Any, top: int = 10) -> None:
-    metric = result.experiment.search.metric
-    names = list(result.experiment.search.space)
-    print(f"\ntop trials by {metric} ({len(result.trials)} run):")
-    header = ["rank", "trial", metric, "epochs", "outcome", *names]
-    rows = [[str(i), t.trial_id, f"{t.metric:.4f}", str(t.epochs), _outcome(t),
-             *(_fmt(t.params.get(n)) for n in names)] for i, t in enumerate(result.trials[:top], start=1)]
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    for r in [header, *rows]:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)))
-
-
-def _outcome(trial: Any) -> str:
-    """``failed: diverged at epoch 3`` for a failed trial: the last line of its error, without the type name."""
-    if trial.outcome != "failed" or not trial.error:
-        return trial.outcome
-    last = [line.strip() for line in str(trial.error).splitlines() if line.strip()][-1]
-    head, sep, rest = last.partition(": ")
-    reason = rest if sep and head.replace(".", "").replace("_", "").isalnum() and " " not in head else last
-    return f"failed: {reason.split(';')[0][:60]}"
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
     for flag, value in (("--tracking-uri", args.tracking_uri), ("--address", args.address)):
         if value is not None and not value.strip():
@@ -279,6 +253,7 @@ def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from search import preflight, tracking
     from search.experiment import load_experiment
     from search.export import best_experiment, export_best
+    from search.progress import summary_lines
     from search.tune import check_search, run_search, smoke_experiment
 
     exp = load_experiment(args.experiment, overrides)
@@ -295,7 +270,7 @@ def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
     _preflight_data(checked.run, dict(checked.search.space))
     try:
         result = run_search(exp, address=args.address, tracking_uri=uri, storage_path=storage_root,
-                            resume=args.resume, smoke_test=args.smoke_test)
+                            resume=args.resume, smoke_test=args.smoke_test, verbose=1 + args.verbose)
     except KeyboardInterrupt:
         again = f"drcaps search {args.experiment} --resume" + "".join(
             f" {flag} {value}" for flag, value in (("--storage-path", args.storage_path),
@@ -304,34 +279,57 @@ def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
             " --smoke-test" if args.smoke_test else "")
         print(f"interrupted: the search's state is saved; continue it with\n  {again}", file=sys.stderr)
         return 130
-    _print_ranking(result)
     best = result.best
     chosen = best_experiment(result.experiment, best.params, metrics=best.metrics, run_id=result.best_run_id,
                              model_uri=result.model_uri, trial_id=best.trial_id)
-    print(f"\nbest trial {best.trial_id}: {exp.search.metric} = {best.metric:.4f} after {best.epochs} epochs")
-    for name, value in best.params.items():
-        print(f"  {name} = {_fmt(value)}")
     code = 0
     try:                      # the search is recorded; a failed export must not lose it
         path = export_best(chosen, out)
         csv.parent.mkdir(parents=True, exist_ok=True)
         tracking.trials_dataframe(uri, result.parent_run_id).to_csv(csv, index=False)
-        print(f"exported best config: {path}  (all trials: {csv})")
     except OSError as e:
         name = result.experiment.mlflow_experiment
         print(f"error: --out: could not write {out} ({e.strerror or e}); the search is recorded in MLflow (parent "
               f"run {result.parent_run_id} at {uri}): drcaps export-best --experiment {name} --tracking-uri {uri} "
               "--out FILE", file=sys.stderr)
         path, code = out, 1
+    report = _copy_report(result, out.with_name(f"{result.experiment.name}.report.html"))
     for problem in result.problems:
         print(f"warning: {problem}", file=sys.stderr)
-    if result.model_uri:
-        print(f"registered model: {result.model_uri}")
-    if code == 0:
-        print(f"retrain from it:   drcaps train --config {path}")
-    ui = "drcaps ui" if args.tracking_uri is None and exp.tracking.uri is None else f"drcaps ui --tracking-uri {uri}"
-    print(f"open the MLflow UI: {ui}   (then http://127.0.0.1:5000)")
+    print("\n".join(summary_lines(result, export_path=path, csv_path=csv, links=_links(args, exp, result),
+                                   report_path=report)))
     return code
+
+
+def _copy_report(result: Any, out: Path) -> Path | None:
+    """The search's report (written by the search into its Ray folder and logged to its parent run), copied beside
+    the exported config where a person looks for it."""
+    if result.report_path is None:
+        return None
+    try:
+        shutil.copyfile(result.report_path, out)
+        return out
+    except OSError as e:
+        print(f"warning: could not copy the report to {out} ({e.strerror or e}); it is at {result.report_path}",
+              file=sys.stderr)
+        return Path(result.report_path)
+
+
+def _links(args: argparse.Namespace, exp: Any, result: Any) -> dict[str, str]:
+    """Where to look next: the MLflow UI (and the pages of the search run and the best trial), Optuna Dashboard."""
+    from search import tracking
+
+    uri = result.tracking_uri
+    local = not uri.startswith(("http://", "https://"))
+    links = {}
+    if local:
+        links["MLflow UI"] = ("drcaps ui" if args.tracking_uri is None and exp.tracking.uri is None
+                              else f"drcaps ui --tracking-uri {uri}") + "   (then open the links below)"
+    links["search run (MLflow)"] = tracking.run_url(uri, result.parent_run_id)
+    if result.best_run_id:
+        links["best trial (MLflow)"] = tracking.run_url(uri, result.best_run_id)
+    links["Optuna Dashboard"] = f"optuna-dashboard {result.storage_url}   (pip install optuna-dashboard)"
+    return links
 
 
 def export_best_command(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -353,17 +351,11 @@ def report_command(args: argparse.Namespace, overrides: list[str]) -> int:
     from search import tracking
     from search.report import write_report
 
-    with user_errors():
-        uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        tracking.check_tracking_uri(uri)
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-            raise UserError(f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; run "
-                            "'drcaps search' first or pass the --tracking-uri the search used")
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_store_exists(uri)             # reading never creates an empty store
     out = (args.out or Path.cwd() / f"{args.experiment}.report.html").resolve()
-    try:
-        path = write_report(uri, args.experiment, out)
-    except tracking.TrackingError as e:      # no such experiment or search; not the figures' own errors
-        raise UserError(str(e)) from None
+    _check_output("--out", out)
+    path = write_report(uri, args.experiment, out)   # TrackingError (no such experiment or search) -> exit 2
     print(f"report of the latest search of '{args.experiment}': {path}")
     return 0
 
@@ -415,7 +407,6 @@ def search_through_ray_client(args: argparse.Namespace, overrides: list[str]) ->
     from search.tune import run_on_head
 
     exp = load_experiment(args.experiment, overrides)
-    preflight.check_address(args.address)       # seconds, not Ray Client's 30 s connection timeout
     if explicit := args.tracking_uri or exp.tracking.uri:
         tracking.check_tracking_uri_from_client(tracking.resolve_tracking_uri(explicit),
                                                 "--tracking-uri" if args.tracking_uri else "tracking.uri")
@@ -428,6 +419,7 @@ def search_through_ray_client(args: argparse.Namespace, overrides: list[str]) ->
                           "--address auto)")
     out = (args.out or Path.cwd() / "placeholder").resolve().parent
     _check_output("--out", out, folder=True)
+    preflight.check_address(args.address)       # last of the local checks: seconds, not Ray Client's 30 s timeout
     print(f"running the search on the Ray cluster at {args.address}: the whole driver runs on its head node "
           "(follow the trials in the MLflow UI); its output follows when it ends", flush=True)
     remote = argparse.Namespace(**{**vars(args), "address": None})

@@ -225,6 +225,17 @@ class SearchProgress:
 
 # ---------------------------------------------------------------- the end of a search
 
+def outcome_label(outcome: str, error: str | None) -> str:
+    """``failed: diverged at epoch 3`` for a failed trial (the last line of its error, without the type name);
+    the outcome itself otherwise."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    if outcome != "failed" or not lines:
+        return outcome
+    head, sep, rest = lines[-1].partition(": ")
+    reason = rest if sep and head.replace(".", "").replace("_", "").isalnum() and " " not in head else lines[-1]
+    return f"failed: {reason.split(';')[0][:60]}"
+
+
 def summary_lines(result: Any, *, export_path: Any, csv_path: Any, links: Mapping[str, str],
                   report_path: Any = None, top: int = 10) -> list[str]:
     """What ``drcaps search`` prints when the search is over: the ranked trials, the best config, where the
@@ -234,7 +245,7 @@ def summary_lines(result: Any, *, export_path: Any, csv_path: Any, links: Mappin
     header = ["rank", "trial", s.metric, "epochs", "outcome", *(short_name(n) for n in names)]
     rows = [[str(i), str(t.number if t.number is not None else t.trial_id),
              f"{t.metric:.4f}" if math.isfinite(t.metric) else "-", str(t.epochs),
-             t.outcome, *(format_value(t.params.get(n)) for n in names)]
+             outcome_label(t.outcome, t.error), *(format_value(t.params.get(n)) for n in names)]
             for i, t in enumerate(result.trials[:top], start=1)]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     shown = f"top {top} of {len(result.trials)}" if len(result.trials) > top else f"all {len(result.trials)}"

@@ -9,6 +9,7 @@ Layout: one parent run per search (tag ``drcaps.role=search``), one child run pe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -21,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -45,8 +46,25 @@ _OUTCOMES = {"FINISHED": "finished", "KILLED": "stopped_early", "FAILED": "faile
 _HINT = "start the server (mlflow server --host 127.0.0.1 --port 5000) or pass --tracking-uri sqlite:///mlflow.db"
 T = TypeVar("T")
 
-# Artifact downloads here are a few small files: MLflow's per-download progress bars are noise on the terminal.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """For the block only: no per-download progress bars (a few small files) and no warning from mlflow.pytorch
+    that we pickle on purpose (see log_and_register_model); the environment and the logger are put back after."""
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    log = logging.getLogger("mlflow.pytorch")
+    level = log.level
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
@@ -373,7 +391,7 @@ class TrialLogger:
 # ---------------------------------------------------------------- models
 
 def log_and_register_model(uri: str, run_id: str, model: torch.nn.Module, input_example: torch.Tensor, *,
-                           registered_name: str, alias: str = "best") -> str:
+                           registered_name: str, alias: str = "best", description: str = "") -> str:
     """Log ``model`` to run ``run_id`` as a pickled ``nn.Module`` (cloudpickle; its class must be importable where
     it is loaded, e.g. ``drcapsnet``), register it as a new version of ``registered_name``, point ``alias`` at it.
 
@@ -406,12 +424,12 @@ def log_and_register_model(uri: str, run_id: str, model: torch.nn.Module, input_
     mlflow.set_tracking_uri(uri)
     try:
         # We pickle on purpose (see above); MLflow warns about it on every call, which a user can do nothing about.
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        info = mlflow.pytorch.log_model(
-            model, name="model", run_id=run_id, model_id=logged.model_id,
-            serialization_format="pickle",             # the 3.x default is "pt2" (torch.export graph module)
-            signature=infer_signature(x.numpy(), y.numpy()), input_example=x.numpy(),
-            pip_requirements=mlflow.pytorch.get_default_pip_requirements())   # skips a slow inference subprocess
+        with _quiet_mlflow():
+            info = mlflow.pytorch.log_model(
+                model, name="model", run_id=run_id, model_id=logged.model_id,
+                serialization_format="pickle",             # the 3.x default is "pt2" (torch.export graph module)
+                signature=infer_signature(x.numpy(), y.numpy()), input_example=x.numpy(),
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements())   # skips an inference subprocess
         try:
             client.create_registered_model(registered_name)
         except MlflowException as e:
@@ -421,8 +439,35 @@ def log_and_register_model(uri: str, run_id: str, model: torch.nn.Module, input_
                                               model_id=info.model_id)
     finally:
         mlflow.set_tracking_uri(previous)              # None unsets it (and MLFLOW_TRACKING_URI) again
+    # Link the logged model to its version as log_model(registered_model_name=...) does (the logged model's
+    # "Registered versions" in the UI), so its page does not offer to register it again.
+    client.set_logged_model_tags(info.model_id, {"mlflow.modelVersions": json.dumps(
+        [{"name": registered_name, "version": version.version}])})
+    if description:
+        client.update_model_version(registered_name, version.version, description=description)
     client.set_registered_model_alias(registered_name, alias, version.version)
     return f"models:/{registered_name}@{alias}"
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Log a few numbers to a run at once (a search's outcome on its parent run)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+    _retry(lambda: _client(uri).log_batch(run_id, metrics=batch))
+
+
+def run_url(uri: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's page of a run: on the server itself for an http(s) URI, else on ``ui`` (``drcaps ui``)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui
+    exp_id = _client(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def run_age_s(uri: str, run_id: str) -> float:
+    """Seconds since the run started (a search's wall time, resumes included)."""
+    return max(0.0, time.time() - _client(uri).get_run(run_id).info.start_time / 1000)
 
 
 def load_model(uri: str, model_uri: str) -> torch.nn.Module:
@@ -445,22 +490,24 @@ def load_model(uri: str, model_uri: str) -> torch.nn.Module:
         raise TrackingError(f"--model-uri: {model_uri} is not in the registry at {uri} ({e.message}); "
                             "list models in 'drcaps ui', or pass the --tracking-uri the search used") from None
     with tempfile.TemporaryDirectory(prefix="drcaps-model-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
-        except (MlflowException, OSError) as e:          # no such run, model, version or artifact
-            text = e.message if isinstance(e, MlflowException) else str(e)
-            reason = ([line.strip() for line in str(text).splitlines() if line.strip()] or [type(e).__name__])[-1]
-            raise TrackingError(f"--model-uri: cannot load {model_uri} from {uri} ({reason}); pass e.g. "
-                                "models:/<name>@best, models:/<name>/<version> or runs:/<run id>/model") from None
-        return mlflow.pytorch.load_model(local, map_location="cpu")
+        with _quiet_mlflow():
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+            except (MlflowException, OSError) as e:          # no such run, model, version or artifact
+                text = e.message if isinstance(e, MlflowException) else str(e)
+                reason = ([line.strip() for line in str(text).splitlines() if line.strip()] or [type(e).__name__])[-1]
+                raise TrackingError(f"--model-uri: cannot load {model_uri} from {uri} ({reason}); pass e.g. "
+                                    "models:/<name>@best, models:/<name>/<version> or runs:/<run id>/model") from None
+            return mlflow.pytorch.load_model(local, map_location="cpu")
 
 
 def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
     """Copy a run's artifact (file or folder) into ``dst``; returns the local path."""
     import mlflow.artifacts
 
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
-                                                tracking_uri=uri)
+    with _quiet_mlflow():
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
+                                                    tracking_uri=uri)
     return Path(local)
 
 

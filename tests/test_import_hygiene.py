@@ -47,3 +47,15 @@ def test_one_module_of_search_imports_each_of_ray_and_mlflow(library: str) -> No
     importers = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "search").rglob("*.py")
                        if library in _imported_roots(p))
     assert importers == [OWNER[library]]
+
+
+def test_importing_search_changes_no_environment_variable_or_logger_level() -> None:
+    code = ("import logging, os, sys, ray, optuna, mlflow; before = dict(os.environ); "   # what they do is theirs
+            "levels = {n: logging.getLogger(n).level for n in list(logging.root.manager.loggerDict)}; "
+            "import search.cli, search.commands, search.tune, search.tracking, search.report, search.progress; "
+            "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "
+            "moved = sorted(n for n, lv in levels.items() if logging.getLogger(n).level != lv); "
+            "print(changed, moved)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[] []"

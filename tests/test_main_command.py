@@ -31,7 +31,8 @@ def test_quickstart_search_runs_and_ends_with_best_config_export_and_ui_command(
     assert "best: trial " in out and "model.routing_iterations = " in out and "train.lr = " in out
     assert "MLflow UI:            drcaps ui" in out
     assert "registered model:     models:/quickstart-capsnet-smoke@best" in out
-    for name in ("mlflow.db", "optuna.db", "drcaps-runs", "quickstart-smoke.best.trials.csv"):
+    for name in ("mlflow.db", "optuna.db", "drcaps-runs", "quickstart-smoke.best.trials.csv",
+                 "quickstart-smoke.report.html"):
         assert (tmp_path / name).exists(), name
     best = load_experiment(exported)
     assert best.result is not None and best.result["model_uri"] == "models:/quickstart-capsnet-smoke@best"
@@ -41,6 +42,7 @@ def test_quickstart_search_runs_and_ends_with_best_config_export_and_ui_command(
     assert len(lines) <= 40, "\n".join(lines)            # 2 trials; the full 10-trial quickstart prints ~45 lines
     assert any(line.startswith("[2/2] trial ") for line in lines)
     assert re.search(r"^best: trial \d+, val_acc \d\.\d{4} at its best epoch", out, re.MULTILINE)
+    assert f"report:               {tmp_path / 'quickstart-smoke.report.html'}" in out
     for link in ("search run (MLflow):  http://127.0.0.1:5000/#/experiments/", "best trial (MLflow):  http://",
                  "Optuna Dashboard:     optuna-dashboard sqlite:///"):
         assert link in out

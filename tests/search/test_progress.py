@@ -118,6 +118,7 @@ class _Trial:
     epochs: int
     outcome: str
     params: dict[str, Any]
+    error: str | None = None
 
 
 @dataclass
@@ -149,3 +150,12 @@ def test_the_summary_ranks_trials_and_gives_every_path_and_link():
     for expected in ("x.best.yaml", "x.csv", "r.html", "models:/x-capsnet@best", "drcaps train --config x.best.yaml",
                      "http://h/#/experiments/1/runs/p"):
         assert expected in text
+
+
+def test_a_failed_trial_says_why_in_the_ranking():
+    from search.progress import outcome_label
+
+    assert outcome_label("failed", "Traceback...\ndrcapsnet.errors.DivergedError: diverged at epoch 3") == \
+        "failed: diverged at epoch 3"
+    assert outcome_label("stopped_early", None) == "stopped_early"
+    assert outcome_label("failed", None) == "failed"
