@@ -321,8 +321,9 @@ def _model_sections(data: SearchData, uri: str) -> list[Section]:
     entropy = diagnostics.coupling_entropy_per_iteration(model, x_diag).cpu()   # (T, B)
     df_h = pd.DataFrame({"iteration": [t + 1 for t in range(len(entropy)) for _ in range(entropy.shape[1])],
                          "entropy (nats)": entropy.flatten().numpy()})
-    fig_h = px.box(df_h, x="iteration", y="entropy (nats)", points=False, range_y=[0, 1.05 * math.log(k)])
-    fig_h.add_hline(y=math.log(k), line_dash="dash", annotation_text="log K: uniform")
+    fig_h = px.box(df_h, x="iteration", y="entropy (nats)", points=False, range_y=[0, 1.1 * math.log(k)])
+    fig_h.add_hline(y=math.log(k), line_dash="dot", line_color="gray", opacity=0.6,
+                    annotation_text="log K: uniform", annotation_position="top left")
     fig_h.update_xaxes(dtick=1)
     means = ", ".join(f"{float(m):.3f}" for m in entropy.mean(dim=1))
     single = " (one iteration: uniform coupling, nothing to sharpen)" if len(entropy) == 1 else ""
