@@ -265,6 +265,7 @@ def search_command(args: argparse.Namespace, overrides: list[str]) -> int:
     _check_output("--out", out)
     _check_output("--out", csv)
     check_search(checked, uri, storage_root, args.resume)
+    preflight.SearchLock(storage_root / checked.name / preflight.LOCK_FILE).check_free(checked.name)
     preflight.check_address(args.address)
     _check_space_corners(checked)
     _preflight_data(checked.run, dict(checked.search.space))

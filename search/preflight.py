@@ -121,6 +121,21 @@ class SearchLock:
     path: Path
     handle: IO[str] | None = None
 
+    def check_free(self, experiment: str) -> None:
+        """Refuse at once, writing nothing, when another search holds the lock (before Ray starts: seconds)."""
+        if not self.path.is_file():
+            return
+        with self.path.open("r") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy(experiment, handle.read().strip()) from None
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _busy(self, experiment: str, holder: str) -> BusyError:
+        return BusyError(f"--storage-path: another search of '{experiment}' is running in {self.path.parent} "
+                         f"({holder or 'another process'}); wait for it to end, or pass another --storage-path")
+
     def acquire(self, experiment: str) -> SearchLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = self.path.open("a+")
@@ -128,10 +143,9 @@ class SearchLock:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read().strip()
             handle.close()
-            raise BusyError(f"--storage-path: another search of '{experiment}' is running in {self.path.parent} "
-                            f"({holder}); wait for it to end, or pass another --storage-path") from None
+            raise self._busy(experiment, holder) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")

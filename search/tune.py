@@ -623,6 +623,7 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
     uri = tracking.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
     storage_root = Path(storage_path or Path.cwd() / "drcaps-runs").resolve()
     check_search(exp, uri, storage_root, resume)          # nothing written, Ray not started
+    preflight.SearchLock(storage_root / exp.name / preflight.LOCK_FILE).check_free(exp.name)   # before Ray's start
     if address is None and not os.environ.get("RAY_ADDRESS"):     # a local Ray gets this machine's CPUs/GPUs
         preflight.check_resources(dataclasses.asdict(exp.search.resources),
                                   {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}, None)
