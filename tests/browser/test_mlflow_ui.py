@@ -109,8 +109,21 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def _open(page: Any, url: str, text: str) -> None:
-    page.goto(url)
-    page.get_by_text(text, exact=True).first.wait_for(timeout=WAIT_MS)
+    """Load ``url`` afresh until ``text`` shows; a second full load if the app stalls (seen on a loaded machine),
+    with a screenshot of each stalled attempt."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in (1, 2):
+        page.goto("about:blank")
+        page.goto(url)
+        try:
+            page.get_by_text(text, exact=True).first.wait_for(timeout=WAIT_MS // 2)
+            return
+        except PlaywrightTimeout:
+            slug = re.sub(r"[^\w-]+", "_", url[-60:])
+            page.screenshot(path=str(SCREENSHOTS / f"stalled-{slug}-{attempt}.png"))
+    pytest.fail(f"{url}: {text!r} not shown after two loads of {WAIT_MS // 2000} s each (screenshots in "
+                f"{SCREENSHOTS})")
 
 
 def _shot(page: Any, name: str) -> None:
