@@ -12,8 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,6 @@ from search.preflight import writable_file_problem, writable_folder_problem
 
 DATASET_SHAPES = {"cifar10": (3, 32)}   # (channels, image size) where it is not MNIST's (1, 28)
 SHAPE_FIELDS = ("in_channels", "image_size", "num_classes")   # model fields the data alone decides
-
-UserError = UsageError   # the name earlier commands used for "the user's mistake"
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Kept for commands written against the old contract: every library input error is now a DrcapsError, which
-    ``cli.main`` maps to an exit code, so nothing needs translating here (and a plain ValueError is a bug)."""
-    yield
-
 
 def _check_output(flag: str, path: Path | None, folder: bool = False) -> None:
     """An output the command will write must be writable BEFORE any work (a file, or a folder with ``folder``)."""
