@@ -377,13 +377,19 @@ def _searcher_class() -> type:
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is None or not isinstance(value, int | float) or step is None:
                 return
-            if isinstance(result.get("mlflow_run_id"), str):
-                ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
-            if not math.isfinite(value):
+            try:
+                if isinstance(result.get("mlflow_run_id"), str):
+                    ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
+                if not math.isfinite(value):
+                    return
+                if self._steps.get(trial_id, 0) < int(step):
+                    ot_trial.report(float(value), int(step))
+                    self._steps[trial_id] = int(step)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # --resume after a killed driver: Ray's older snapshot re-runs a trial that driver had already told
+                # Optuna about. Optuna's record stands; nothing more is sent for it.
+                self._completed_trials.add(trial_id)
                 return
-            if self._steps.get(trial_id, 0) < int(step):
-                ot_trial.report(float(value), int(step))
-                self._steps[trial_id] = int(step)
             best = self._best.get(trial_id)
             if best is None or (value > best if self._mode == "max" else value < best):
                 self._best[trial_id] = float(value)
@@ -767,7 +773,10 @@ def _run_search(exp: Experiment, *, address: str | None, tracking_uri: str | Non
     except BaseException:
         tracking.end_run(uri, parent_run_id, "KILLED")
         raise
-    _remove_temp_folders([str((r.metrics or {}).get("trial_id") or Path(r.path).name) for r in results])
+    # Every trial of this search, those a killed driver lost included (they have an MLflow run, no Ray result).
+    _remove_temp_folders([str((r.metrics or {}).get("trial_id")) for r in results if (r.metrics or {}).get("trial_id")]
+                         + [r.tags["drcaps.trial_id"] for r in tracking.child_runs(uri, parent_run_id)
+                            if r.tags.get("drcaps.trial_id")])
     _close_study(storage_url, study_name, results, s.metric, s.mode)
     return _finish(exp, results, uri, mlflow_experiment, parent_run_id, study_name, storage_url, str(exp_dir))
 
