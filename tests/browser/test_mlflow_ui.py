@@ -10,13 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +21,7 @@ from search import tracking
 from search.report import FIGURES
 from search.tune import SearchResult, run_search
 from tests.search.test_tune import _experiment
+from tests.servers import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "test-output" / "browser"
@@ -49,44 +44,12 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> SearchResult:
         ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(searched: SearchResult, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``mlflow server`` over the search's store; its base URL. One worker: enough for one browser, and starts
     reliably on a loaded 2-core machine (4 uvicorn workers time out there)."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([mlflow, "server", "--backend-store-uri", searched.tracking_uri, "--host", "127.0.0.1",
-                                 "--port", str(port), "--workers", "1"], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health on {base}:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+    with mlflow_server(searched.tracking_uri, tmp_path_factory.mktemp("mlflow-server")) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)          # the server and its uvicorn worker, nothing else
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

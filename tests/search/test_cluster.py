@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,11 @@ from pathlib import Path
 import pytest
 
 from search import tracking
+from tests.servers import free_port, mlflow_server
 
 RAY = Path(sys.executable).parent / "ray"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -46,7 +42,7 @@ class Head:
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[Head]:
     """A one-node Ray cluster (with a Ray Client server) in its own process group and temp dir."""
-    port, client_port = _free_port(), _free_port()
+    port, client_port = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")            # short: Ray's unix sockets live under it
     subprocess.run([str(RAY), "get-auth-token", "--generate"], capture_output=True, timeout=60, check=True)
     store = Path(tempfile.mkdtemp(prefix="drcaps-head-"))
@@ -174,7 +170,7 @@ def test_ray_client_refuses_a_sqlite_file_on_this_machine_before_connecting(tmp_
     (tmp_path / "exp.yaml").write_text(json.dumps(EXPERIMENT))
     args = [a.format(tmp=tmp_path) for a in flag]
     proc = subprocess.run([str(Path(sys.executable).parent / "drcaps"), "search", str(tmp_path / "exp.yaml"),
-                           "--address", f"ray://127.0.0.1:{_free_port()}", *args], cwd=tmp_path,
+                           "--address", f"ray://127.0.0.1:{free_port()}", *args], cwd=tmp_path,
                           env=_env_without_ray(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
@@ -186,21 +182,8 @@ def test_ray_client_refuses_a_sqlite_file_on_this_machine_before_connecting(tmp_
 def test_a_tracking_server_that_refuses_the_host_name_is_one_line_before_any_run(tmp_path):
     """MLflow 3 answers API calls from a Host name outside --allowed-hosts with 403 "Invalid Host header" (its
     /health still answers): the check says which flag fixes it, exit 2, and no run is created."""
-    port = _free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1", "--allowed-hosts", "mlflow.example",
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--artifacts-destination", str(tmp_path / "artifacts")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.5)
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, "--allowed-hosts", "mlflow.example",
+                       "--artifacts-destination", str(tmp_path / "artifacts"), timeout_s=120) as uri:
         (tmp_path / "exp.yaml").write_text(json.dumps(EXPERIMENT))
         proc = subprocess.run([str(Path(sys.executable).parent / "drcaps"), "search", str(tmp_path / "exp.yaml"),
                                "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray")], cwd=tmp_path,
@@ -210,9 +193,6 @@ def test_a_tracking_server_that_refuses_the_host_name_is_one_line_before_any_run
         assert len(lines) == 1 and "Invalid Host header" in lines[0], lines
         assert "--allowed-hosts 127.0.0.1,127.0.0.1:*" in lines[0], lines
         assert not (tmp_path / "ray").exists()
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
     from mlflow import MlflowClient  # read the server's store directly: no run was created
     client = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ from torch import nn
 
 from search import tracking
 from search.tracking import TrackingError
+from tests.servers import free_port, mlflow_server
 
 EXP = "drcaps-test"
 # trial -> per-epoch (val_acc, val_loss), status. t1 peaks at 0.95 but its LAST val_acc is 0.8; the failed t2 has
@@ -28,10 +25,6 @@ TRIALS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,7 +86,7 @@ def test_resolve_tracking_uri_makes_paths_absolute(tmp_path: Path) -> None:
 
 
 def test_check_tracking_uri_fails_fast_on_a_closed_port() -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingError, match=rf"tracking\.uri: cannot reach {uri}: .*mlflow server"):
         tracking.check_tracking_uri(uri, timeout_s=2.0)
@@ -247,32 +240,9 @@ def test_registered_model_loads_back_and_predicts_the_same(uri: str) -> None:
 def server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on a free local port, backed by SQLite in tmp; always terminated."""
     root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    with open(root / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, 15)                              # the server's own process group (uvicorn workers)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+    with mlflow_server(f"sqlite:///{root}/mlflow.db", root, "--artifacts-destination", str(root / "artifacts"),
+                       timeout_s=90) as base:
+        yield base
 
 
 @pytest.mark.slow
