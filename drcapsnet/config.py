@@ -1,8 +1,9 @@
 """One frozen dataclass per concern: the model, the data, the training run.
 
-Each dataclass checks its own values in ``__post_init__`` and raises ``ConfigError`` (a ``ValueError``) naming
-the dotted field (``model.routing_iterations``) and the bad value, so the same string appears in YAML, ``--set``,
-the search space, MLflow params and error messages.
+Each dataclass checks its own values in ``__post_init__``: ``problems()`` lists every one as data (a
+:class:`~drcapsnet.errors.Problem`: the dotted field, ``model.routing_iterations``, and what is wrong with the bad
+value), and a :class:`ConfigError` (a ``ValueError``) carries them all, so the same name appears in YAML, ``--set``,
+the search space, MLflow params and error messages, and callers place problems by field, not by wording.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from drcapsnet.errors import ConfigError
+from drcapsnet.errors import ConfigError, Problem, raise_problems
 
 RoutingKind = Literal["dynamic", "attention"]
 OptimizerName = Literal["sgd", "adam"]
@@ -31,9 +32,11 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check(cond: bool, message: str) -> None:
+def _need(out: list[Problem], cond: bool, field: str, message: str) -> bool:
+    """Record ``field: message`` in ``out`` unless ``cond``; return ``cond`` (checks that build on it run only then)."""
     if not cond:
-        raise ConfigError(message)
+        out.append(Problem(field, message))
+    return cond
 
 
 @dataclass(frozen=True)
@@ -65,26 +68,37 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # YAML gives lists; keep the dataclass hashable and frozen.
         object.__setattr__(self, "decoder_hidden", tuple(self.decoder_hidden))
-        for name in ("in_channels", "image_size", "conv_channels", "conv_kernel", "primary_types",
-                     "primary_dim", "primary_kernel", "primary_stride", "units"):
+        raise_problems(self.problems())
+
+    def problems(self) -> list[Problem]:
+        """Every problem of these values, as data (empty: valid)."""
+        out: list[Problem] = []
+        sizes = ("in_channels", "image_size", "conv_channels", "conv_kernel", "primary_types", "primary_dim",
+                 "primary_kernel", "primary_stride", "units")
+        sizes_ok = True
+        for name in sizes:
             value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"model.{name}: must be an integer >= 1, got {value!r}")
-            _check(value <= MAX_WIDTH, f"model.{name}: must be at most {MAX_WIDTH}, got {value!r}")
-        _check(isinstance(self.num_classes, int) and self.num_classes >= 2,
-               f"model.num_classes: must be an integer >= 2, got {self.num_classes!r}")
-        _check(isinstance(self.routing_iterations, int) and 1 <= self.routing_iterations <= 10,
-               f"model.routing_iterations: must be an integer in [1, 10], got {self.routing_iterations!r}")
-        _check(self.routing in ROUTING_KINDS,
-               f"model.routing: must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
-        _check(all(isinstance(h, int) and h >= 1 for h in self.decoder_hidden),
-               f"model.decoder_hidden: must be a list of integers >= 1, got {list(self.decoder_hidden)!r}")
-        _check(all(h <= MAX_WIDTH for h in self.decoder_hidden),
-               f"model.decoder_hidden: each must be at most {MAX_WIDTH}, got {list(self.decoder_hidden)!r}")
-        _check(_finite(self.reconstruction_weight) and self.reconstruction_weight >= 0,
-               f"model.reconstruction_weight: must be a finite number >= 0, got {self.reconstruction_weight!r}")
-        _check(self.grid_size >= 1,
-               f"model.image_size: {self.image_size} is too small for conv_kernel={self.conv_kernel}, "
-               f"primary_kernel={self.primary_kernel}, primary_stride={self.primary_stride}")
+            sizes_ok &= _need(out, isinstance(value, int) and value >= 1,
+                              f"model.{name}", f"must be an integer >= 1, got {value!r}") \
+                and _need(out, value <= MAX_WIDTH, f"model.{name}", f"must be at most {MAX_WIDTH}, got {value!r}")
+        _need(out, isinstance(self.num_classes, int) and self.num_classes >= 2,
+              "model.num_classes", f"must be an integer >= 2, got {self.num_classes!r}")
+        _need(out, isinstance(self.routing_iterations, int) and 1 <= self.routing_iterations <= 10,
+              "model.routing_iterations", f"must be an integer in [1, 10], got {self.routing_iterations!r}")
+        _need(out, self.routing in ROUTING_KINDS,
+              "model.routing", f"must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
+        hidden = list(self.decoder_hidden)
+        if _need(out, all(isinstance(h, int) and h >= 1 for h in hidden),
+                 "model.decoder_hidden", f"must be a list of integers >= 1, got {hidden!r}"):
+            _need(out, all(h <= MAX_WIDTH for h in hidden),
+                  "model.decoder_hidden", f"each must be at most {MAX_WIDTH}, got {hidden!r}")
+        _need(out, _finite(self.reconstruction_weight) and self.reconstruction_weight >= 0,
+              "model.reconstruction_weight", f"must be a finite number >= 0, got {self.reconstruction_weight!r}")
+        if sizes_ok:
+            _need(out, self.grid_size >= 1, "model.image_size",
+                  f"{self.image_size} is too small for conv_kernel={self.conv_kernel}, "
+                  f"primary_kernel={self.primary_kernel}, primary_stride={self.primary_stride}")
+        return out
 
     @property
     def grid_size(self) -> int:
@@ -135,23 +149,30 @@ class DataConfig:
     limit_train: int | None = None       # use at most this many training images (smoke runs)
 
     def __post_init__(self) -> None:
-        _check(self.dataset in DATASETS,
-               f"data.dataset: must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        _check(self.dataset != "idx" or bool(self.data_dir),
-               "data.data_dir: required when data.dataset is 'idx' (a folder of train-*/t10k-* IDX files)")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
-               f"data.batch_size: must be an integer >= 1, got {self.batch_size!r}")
+        raise_problems(self.problems())
+
+    def problems(self) -> list[Problem]:
+        """Every problem of these values, as data (empty: valid)."""
+        out: list[Problem] = []
+        _need(out, self.dataset in DATASETS,
+              "data.dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        _need(out, self.dataset != "idx" or bool(self.data_dir),
+              "data.data_dir", "required when data.dataset is 'idx' (a folder of train-*/t10k-* IDX files)")
+        _need(out, isinstance(self.batch_size, int) and self.batch_size >= 1,
+              "data.batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
+        fractions_ok = True
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and 0.0 < value < 0.9,
-                   f"data.{name}: must be a number in (0, 0.9), got {value!r}")
-        _check(self.val_fraction + self.test_fraction <= 0.95,
-               f"data.val_fraction + data.test_fraction: must be <= 0.95 to leave training data, "
-               f"got {self.val_fraction} + {self.test_fraction}")
-        _check(isinstance(self.shift_pixels, int) and 0 <= self.shift_pixels <= 8,
-               f"data.shift_pixels: must be an integer in [0, 8], got {self.shift_pixels!r}")
-        _check(self.limit_train is None or (isinstance(self.limit_train, int) and self.limit_train >= 10),
-               f"data.limit_train: must be null or an integer >= 10, got {self.limit_train!r}")
+            fractions_ok &= _need(out, isinstance(value, (int, float)) and 0.0 < value < 0.9,
+                                  f"data.{name}", f"must be a number in (0, 0.9), got {value!r}")
+        if fractions_ok:
+            _need(out, self.val_fraction + self.test_fraction <= 0.95, "data.val_fraction + data.test_fraction",
+                  f"must be <= 0.95 to leave training data, got {self.val_fraction} + {self.test_fraction}")
+        _need(out, isinstance(self.shift_pixels, int) and 0 <= self.shift_pixels <= 8,
+              "data.shift_pixels", f"must be an integer in [0, 8], got {self.shift_pixels!r}")
+        _need(out, self.limit_train is None or (isinstance(self.limit_train, int) and self.limit_train >= 10),
+              "data.limit_train", f"must be null or an integer >= 10, got {self.limit_train!r}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -174,29 +195,34 @@ class TrainConfig:
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.epochs, int) and self.epochs >= 1,
-               f"train.epochs: must be an integer >= 1, got {self.epochs!r}")
-        _check(self.optimizer in OPTIMIZERS,
-               f"train.optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        _check(isinstance(self.lr, (int, float)) and 0.0 < self.lr <= 10.0,
-               f"train.lr: must be a number in (0, 10], got {self.lr!r}")
-        _check(isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0,
-               f"train.momentum: must be a number in [0, 1), got {self.momentum!r}")
-        _check(_finite(self.weight_decay) and self.weight_decay >= 0.0,
-               f"train.weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
-        _check(isinstance(self.lr_decay, (int, float)) and 0.0 < self.lr_decay <= 1.0,
-               f"train.lr_decay: must be a number in (0, 1], got {self.lr_decay!r}")
-        _check(isinstance(self.seed, int), f"train.seed: must be an integer, got {self.seed!r}")
-        _check(self.device in DEVICES,
-               f"train.device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        _check(self.num_threads is None or (isinstance(self.num_threads, int) and self.num_threads >= 1),
-               f"train.num_threads: must be null or an integer >= 1, got {self.num_threads!r}")
+        raise_problems(self.problems())
+
+    def problems(self) -> list[Problem]:
+        """Every problem of these values, as data (empty: valid)."""
+        out: list[Problem] = []
+        _need(out, isinstance(self.epochs, int) and self.epochs >= 1,
+              "train.epochs", f"must be an integer >= 1, got {self.epochs!r}")
+        _need(out, self.optimizer in OPTIMIZERS,
+              "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        _need(out, isinstance(self.lr, (int, float)) and 0.0 < self.lr <= 10.0,
+              "train.lr", f"must be a number in (0, 10], got {self.lr!r}")
+        _need(out, isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0,
+              "train.momentum", f"must be a number in [0, 1), got {self.momentum!r}")
+        _need(out, _finite(self.weight_decay) and self.weight_decay >= 0.0,
+              "train.weight_decay", f"must be a finite number >= 0, got {self.weight_decay!r}")
+        _need(out, isinstance(self.lr_decay, (int, float)) and 0.0 < self.lr_decay <= 1.0,
+              "train.lr_decay", f"must be a number in (0, 1], got {self.lr_decay!r}")
+        _need(out, isinstance(self.seed, int), "train.seed", f"must be an integer, got {self.seed!r}")
+        _need(out, self.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        _need(out, self.num_threads is None or (isinstance(self.num_threads, int) and self.num_threads >= 1),
+              "train.num_threads", f"must be null or an integer >= 1, got {self.num_threads!r}")
         for name in ("log_interval", "eval_interval"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1,
-                   f"train.{name}: must be an integer >= 1, got {value!r}")
-        _check(self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
-               f"train.grad_clip: must be null or a number > 0, got {self.grad_clip!r}")
+            _need(out, isinstance(value, int) and value >= 1,
+                  f"train.{name}", f"must be an integer >= 1, got {value!r}")
+        _need(out, self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+              "train.grad_clip", f"must be null or a number > 0, got {self.grad_clip!r}")
+        return out
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,45 @@ code that catches a bad value the Python way keeps working.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class DrcapsError(Exception):
     """Root of every error drcaps raises on purpose: the message is for the user, one line where possible."""
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a configuration, as data: the dotted ``field`` (``model.units``; relative, e.g.
+    ``low``, where the config does not know its own place) and ``message`` (what is wrong, without the field).
+    Callers gather and place problems by their field, never by the wording of a message."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
 class ConfigError(DrcapsError, ValueError):
-    """A configuration value (file, ``--set``, flag, search space) is wrong; the message names the dotted field."""
+    """A configuration value (file, ``--set``, flag, search space) is wrong; the message names the dotted field.
+
+    ``problems``: every problem found, as data (a config dataclass reports them all at once; the message is the
+    first). Empty where the error was raised with a message only."""
+
+    def __init__(self, message: str, problems: tuple[Problem, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[Problem, ...]]]:   # pickle/copy (Ray ships errors)
+        return type(self), (str(self), self.problems)
+
+
+def raise_problems(problems: list[Problem]) -> None:
+    """What a config dataclass's ``__post_init__`` ends with: nothing when ``problems`` is empty, else one
+    :class:`ConfigError` carrying them all (its message: the first)."""
+    if problems:
+        raise ConfigError(str(problems[0]), tuple(problems))
 
 
 class DataError(DrcapsError, ValueError):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from drcapsnet.errors import ConfigError
 from search.experiment import (
-    ConfigError,
     Experiment,
     ParamSpec,
     dump_experiment,

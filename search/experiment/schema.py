@@ -1,0 +1,238 @@
+"""The search side of an experiment as frozen dataclasses: the space, the scheduler, the resources, the search, the
+tracking, and the :class:`Experiment` that holds them with the run config (``drcapsnet.config``).
+
+Each dataclass checks its own values: ``problems()`` lists them as data (:class:`~drcapsnet.errors.Problem`, the
+dotted field and what is wrong) and ``__post_init__`` raises them in one :class:`ConfigError`. Reading a file and
+reporting every problem of it at once is ``search/experiment/validate.py``'s job.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from drcapsnet.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from drcapsnet.errors import Problem, raise_problems
+
+METRICS: tuple[str, ...] = ("val_acc", "val_loss", "train_loss", "test_acc", "test_loss", "images_per_s", "epoch_s")
+SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp", "qmc")
+SCHEDULERS: tuple[str, ...] = ("asha", "median", "none")
+PARAM_TYPES: tuple[str, ...] = ("float", "int", "categorical")
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+TOP_LEVEL: tuple[str, ...] = ("name", "model", "data", "train", "search", "tracking", "result")
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def is_number(value: object) -> bool:
+    """An int or a float, not a bool (YAML's true is not 1 here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole_or_fraction(value: float) -> bool:
+    return value <= 1 or float(value).is_integer()        # Ray: quantities above 1 must be whole
+
+
+def _need(out: list[Problem], cond: bool, where: str, message: str) -> None:
+    if not cond:
+        out.append(Problem(where, message))
+
+
+def name_problem(name: Any) -> Problem | None:
+    """Why ``name`` cannot name an experiment (it names Ray folders, MLflow experiments and files), or None."""
+    if name is None:
+        return Problem("name", "required (letters, digits, '.', '_' or '-')")
+    if not (isinstance(name, str) and _NAME.fullmatch(name)):
+        return Problem("name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
+    return None
+
+
+def param_problems(type_: str, low: Any, high: Any, log: bool, step: Any, choices: Sequence[Any]) -> list[Problem]:
+    """Problems of one search-space entry; fields are relative to the entry (``low``; ``""``: the entry as a
+    whole), because an entry does not know its own name."""
+    out: list[Problem] = []
+    if type_ == "categorical":
+        out += [Problem(key, "only for type float or int") for key, v in (("low", low), ("high", high), ("step", step))
+                if v is not None]
+        if log:
+            out.append(Problem("log", "only for type float or int"))
+        if not choices:
+            out.append(Problem("choices", "required for type categorical, a non-empty list"))
+        bad = [c for c in choices if c is not None and not isinstance(c, (bool, int, float, str))]
+        if bad:
+            out.append(Problem("choices", f"must be null, booleans, numbers or strings (optuna), got {bad!r}"))
+        return out
+    if choices:
+        out.append(Problem("choices", "only for type categorical"))
+    kind = "an integer" if type_ == "int" else "a number"
+    for key, v in (("low", low), ("high", high)):
+        if v is None:
+            out.append(Problem(key, f"required for type {type_}"))
+        elif not is_number(v) or (type_ == "int" and not isinstance(v, int)):
+            out.append(Problem(key, f"expected {kind}, got {v!r}"))
+    if not out and low >= high:
+        out.append(Problem("", f"low must be < high, got low={low!r}, high={high!r}"))
+    if log and is_number(low) and low <= 0:
+        out.append(Problem("log", f"needs low > 0, got low={low!r}"))
+    if step is not None:
+        if not is_number(step) or step <= 0 or (type_ == "int" and not isinstance(step, int)):
+            out.append(Problem("step", f"must be {kind} > 0, got {step!r}"))
+        elif log and (type_ == "float" or step != 1):
+            out.append(Problem("", "log and step cannot be combined (optuna)"))
+    return out
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search-space entry: ``{type: float, low: 1.0e-4, high: 1.0e-1, log: true}``."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choices", tuple(self.choices))
+        raise_problems(self.problems())
+        if self.type == "float":                           # 0 and 1 read from YAML are ints; keep floats floats
+            for name in ("low", "high", "step"):
+                if getattr(self, name) is not None:
+                    object.__setattr__(self, name, float(getattr(self, name)))
+
+    def problems(self) -> list[Problem]:
+        if self.type not in PARAM_TYPES:
+            return [Problem("type", f"must be one of {', '.join(PARAM_TYPES)}, got {self.type!r}")]
+        return param_problems(self.type, self.low, self.high, self.log, self.step, self.choices)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Early stopping by the Tune scheduler; ``none`` runs every trial to ``train.epochs``."""
+
+    name: Literal["asha", "median", "none"] = "asha"
+    grace_period: int = 1                  # epochs before a trial can be stopped
+    reduction_factor: float = 2.0          # ASHA: keep 1/reduction_factor of the trials at each rung
+
+    def __post_init__(self) -> None:
+        raise_problems(self.problems())
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        _need(out, self.name in SCHEDULERS,
+              "search.scheduler.name", f"must be one of {', '.join(SCHEDULERS)}, got {self.name!r}")
+        _need(out, isinstance(self.grace_period, int) and self.grace_period >= 1,
+              "search.scheduler.grace_period", f"must be an integer >= 1, got {self.grace_period!r}")
+        _need(out, is_number(self.reduction_factor) and self.reduction_factor > 1,
+              "search.scheduler.reduction_factor", f"must be a number > 1, got {self.reduction_factor!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Per trial. ``gpu`` may be fractional: 0.25 packs 4 trials on one GPU."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        raise_problems(self.problems())
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        for name in ("cpu", "gpu"):
+            value = getattr(self, name)
+            _need(out, is_number(value) and value >= 0 and _whole_or_fraction(value), f"search.resources.{name}",
+                  f"must be a number >= 0, a fraction or a whole number, got {value!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What to search, with which sampler and scheduler, on which resources."""
+
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 8
+    max_concurrent: int = 2
+    seed: int = 0
+    sampler: Literal["tpe", "random", "cmaes", "gp", "qmc"] = "tpe"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    time_budget_s: float | None = None
+    max_failures: int = 1                  # Ray retries of a crashed trial; -1 = retry forever
+    keep_checkpoints: int = 2
+    storage: str | None = None             # Optuna RDB URL; None = SQLite next to the MLflow store (search/tune/)
+    enqueue: tuple[dict[str, Any], ...] = ()   # known-good points tried first; dotted names -> values
+    space: dict[str, ParamSpec] = field(default_factory=dict)   # dotted config names -> spec; required
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "enqueue", tuple(dict(point) for point in self.enqueue))
+        raise_problems(self.problems())
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        _need(out, self.metric in METRICS, "search.metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        _need(out, self.mode in ("max", "min"), "search.mode", f"must be one of max, min, got {self.mode!r}")
+        for name in ("num_samples", "max_concurrent", "keep_checkpoints"):
+            value = getattr(self, name)
+            _need(out, isinstance(value, int) and value >= 1,
+                  f"search.{name}", f"must be an integer >= 1, got {value!r}")
+        _need(out, isinstance(self.seed, int), "search.seed", f"must be an integer, got {self.seed!r}")
+        _need(out, self.sampler in SAMPLERS,
+              "search.sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        _need(out, self.time_budget_s is None or (is_number(self.time_budget_s) and self.time_budget_s > 0),
+              "search.time_budget_s", f"must be null or a number > 0, got {self.time_budget_s!r}")
+        _need(out, isinstance(self.max_failures, int) and self.max_failures >= -1,
+              "search.max_failures", f"must be an integer >= -1 (-1 = retry forever), got {self.max_failures!r}")
+        _need(out, self.storage is None or bool(self.storage), "search.storage", "must be null or a non-empty URL")
+        _need(out, bool(self.space), "search.space", "required, at least one parameter, "
+              "e.g. train.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}")
+        return out
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow. None everywhere = a local SQLite store in the cwd, experiment and model named after the file."""
+
+    uri: str | None = None                 # None = sqlite:///<abs cwd>/mlflow.db (search/tracking/)
+    experiment: str | None = None          # None = the experiment's name
+    registered_model: str | None = None    # None = f"{experiment}-capsnet"
+
+    def __post_init__(self) -> None:
+        raise_problems(self.problems())
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        for name in ("uri", "experiment", "registered_model"):
+            value = getattr(self, name)
+            _need(out, value is None or bool(value), f"tracking.{name}", "must be null or a non-empty string")
+        return out
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment file, validated. Equality ignores ``path`` (where it was loaded from)."""
+
+    name: str
+    run: RunConfig
+    search: SearchConfig
+    tracking: TrackingConfig
+    path: Path | None = field(default=None, compare=False)   # the file it was loaded from (absolute)
+    result: dict[str, Any] | None = None   # written by search/export.py: metrics, params, run id, model URI
+
+    def __post_init__(self) -> None:
+        problem = name_problem(self.name)
+        raise_problems([problem] if problem else [])
+
+    @property
+    def mlflow_experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registered_model(self) -> str:
+        return self.tracking.registered_model or f"{self.mlflow_experiment}-capsnet"

@@ -1,0 +1,325 @@
+"""Validation of a raw experiment mapping (as read from YAML or JSON, overrides applied) into the frozen configs,
+with EVERY problem reported at once as ``path.key: what is wrong (did you mean ...?)``.
+
+Two layers: here, each value is checked against its field's type hint and unknown keys get a suggestion; then each
+dataclass checks its own values (``problems()``, as data: field + message) and the problems are gathered by their
+fields. Nothing here depends on the wording of a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from drcapsnet.config import MODEL_PRESETS, ModelConfig, RunConfig
+from drcapsnet.errors import ConfigError, Problem  # an experiment is wrong: one problem per line, "path.key: what"
+from search.experiment.overrides import apply_override
+from search.experiment.schema import (
+    PARAM_TYPES,
+    SECTIONS,
+    TOP_LEVEL,
+    Experiment,
+    ParamSpec,
+    ResourcesConfig,
+    SchedulerConfig,
+    SearchConfig,
+    TrackingConfig,
+    is_number,
+    name_problem,
+)
+
+# ---------------------------------------------------------------------------------------------------- type checks
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the type hint ``hint``, or None when it does."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        return None if None in problems else problems[0]
+    if origin is Literal:
+        return None if value in args else f"must be one of {', '.join(map(str, args))}, got {value!r}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else f"expected an integer, got {value!r}"
+    if hint is float:
+        if is_number(value):
+            return None
+        return f"expected a number, got {value!r}"
+    if hint is str:
+        return None if isinstance(value, str) else f"expected a string, got {value!r}"
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return f"expected a list, got {value!r}"
+        item = args[0] if args else Any
+        problems = [p for v in value if (p := _type_problem(v, item))]
+        return f"in {list(value)!r}: {problems[0]}" if problems else None
+    if origin is dict or hint is dict:
+        return None if isinstance(value, Mapping) else f"expected a mapping, got {type(value).__name__}"
+    return None                                            # nested dataclasses: checked by their own section
+
+
+def _suggest(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _mapping(raw: Any, where: str, issues: list[str]) -> dict[str, Any] | None:
+    if raw is None:
+        return {}
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    issues.append(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    return None
+
+
+def _checked(cls: type, where: str, raw: dict[str, Any], issues: list[str]) -> dict[str, Any]:
+    """The keys of ``raw`` that are fields of ``cls`` with a value of the right type; the rest become issues."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in valid:
+            issues.append(f"{where}.{key}: unknown key{_suggest(str(key), valid)}")
+        elif problem := _type_problem(value, hints[key]):
+            issues.append(f"{where}.{key}: {problem}")
+        else:                                              # ints where floats go: 1 -> 1.0, as a float field holds
+            accepts = set(typing.get_args(hints[key])) or {hints[key]}
+            floaty = float in accepts and int not in accepts
+            out[key] = float(value) if floaty and is_number(value) else value
+    return out
+
+
+def _placed(where: str, problems: Sequence[Problem]) -> list[str]:
+    """Problems whose fields are relative to ``where`` (a search-space entry's ``low``) as issue lines."""
+    return [f"{where}.{p.field}: {p.message}" if p.field else f"{where}: {p.message}" for p in problems]
+
+
+def _construct(cls: type, where: str, kwargs: dict[str, Any], issues: list[str],
+               drop: Callable[[Problem], bool] = lambda p: False) -> Any:
+    """``cls(**kwargs)``, or None with every problem its ``__post_init__`` found added to ``issues`` (those that
+    ``drop`` says are reported already left out). Problems come as data (``ConfigError.problems``)."""
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        found = [str(p) for p in e.problems if not drop(p)] if e.problems else [f"{where}: {e}"]
+    except TypeError as e:                                 # not a field: _checked reports those first
+        found = [f"{where}: {e}"]
+    issues.extend(line for line in found if line not in issues)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+def _absolute_uri(uri: str) -> str:
+    """``sqlite:///rel.db`` and plain relative paths -> absolute (cwd); every other URI unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rest = uri[len("sqlite:///"):]
+        return uri if not rest or rest.startswith(":memory:") else "sqlite:///" + os.path.abspath(rest)
+    if ":" not in uri and uri not in ("databricks", "databricks-uc"):
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri
+
+
+def _model(raw: dict[str, Any], issues: list[str]) -> ModelConfig | None:
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    base: dict[str, Any] = {}
+    if preset is not None:
+        if preset in MODEL_PRESETS:
+            base = dict(MODEL_PRESETS[preset])
+        else:
+            issues.append(f"model.preset: must be one of {', '.join(MODEL_PRESETS)}, got {preset!r}")
+    return _construct(ModelConfig, "model", {**base, **_checked(ModelConfig, "model", raw, issues)}, issues)
+
+
+def _run_section(name: str, raw: Any, base_dir: Path, issues: list[str]) -> Any:
+    values = _mapping(raw, name, issues)
+    if values is None:
+        return None
+    if name == "model":
+        return _model(values, issues)
+    kwargs = _checked(SECTIONS[name], name, values, issues)
+    if name == "data" and isinstance(kwargs.get("data_dir"), str):
+        kwargs["data_dir"] = os.path.normpath(base_dir / Path(kwargs["data_dir"]).expanduser())
+    return _construct(SECTIONS[name], name, kwargs, issues)
+
+
+def _field_hint(dotted: str) -> Any:
+    section, _, key = dotted.partition(".")
+    return typing.get_type_hints(SECTIONS[section])[key]
+
+
+def _space(raw: Any, sections: dict[str, Any], issues: list[str]) -> dict[str, ParamSpec]:
+    values = _mapping(raw, "search.space", issues)
+    fields = RunConfig().flat()
+    out: dict[str, ParamSpec] = {}
+    for name, spec_raw in (values or {}).items():
+        where = f"search.space.{name}"
+        if name not in fields:
+            issues.append(f"{where}: not a config field{_suggest(str(name), list(fields))}")
+            continue
+        spec = _mapping(spec_raw, where, issues)
+        if spec is None:
+            continue
+        if "type" not in spec:
+            issues.append(f"{where}.type: required, one of {', '.join(PARAM_TYPES)}")
+            continue
+        kwargs = _checked(ParamSpec, where, spec, issues)
+        if len(kwargs) != len(spec):                       # a key of the wrong type: reported above
+            continue
+        try:
+            out[name] = ParamSpec(**kwargs)
+        except ConfigError as e:                           # the entry's problems, fields relative to it
+            issues += _placed(where, e.problems)
+            continue
+        _check_bounds(name, out[name], sections, issues)
+    return out
+
+
+def _check_bounds(name: str, spec: ParamSpec, sections: dict[str, Any], issues: list[str]) -> None:
+    """Every value the sampler may propose must be one the config accepts: try the ends and each choice."""
+    section, _, key = name.partition(".")
+    hint, base = _field_hint(name), sections.get(section)
+    if spec.type == "categorical":
+        candidates = [(f"choice {c!r}", c) for c in spec.choices]
+    else:                                                  # ParamSpec made float bounds floats, int bounds are ints
+        candidates = [(f"low={spec.low!r}", spec.low), (f"high={spec.high!r}", spec.high)]
+    for label, value in candidates:
+        if problem := _type_problem(value, hint):
+            kind = "an integer field (use type: int)" if hint is int else f"this field ({problem})"
+            issues.append(f"search.space.{name}: {label} does not fit {kind}")
+            return
+        if base is not None:
+            try:
+                dataclasses.replace(base, **{key: value})
+            except ValueError as e:
+                issues.append(f"search.space.{name}: {label} is rejected: {e}")
+
+
+def _enqueue(raw: Any, space: dict[str, ParamSpec], issues: list[str]) -> tuple[dict[str, Any], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        issues.append(f"search.enqueue: expected a list of mappings (dotted name: value), got {raw!r}")
+        return ()
+    points = []
+    for i, point in enumerate(raw):
+        where = f"search.enqueue[{i}]"
+        values = _mapping(point, where, issues)
+        for name, value in (values or {}).items():
+            spec = space.get(name)
+            if spec is None:
+                issues.append(f"{where}.{name}: not in search.space{_suggest(str(name), list(space))}")
+            elif spec.type == "categorical":
+                if value not in spec.choices:
+                    issues.append(f"{where}.{name}: {value!r} is not one of the choices {list(spec.choices)!r}")
+            elif problem := _type_problem(value, int if spec.type == "int" else float):
+                issues.append(f"{where}.{name}: {problem}")
+            elif not spec.low <= value <= spec.high:       # type: ignore[operator]
+                issues.append(f"{where}.{name}: {value!r} is outside [{spec.low!r}, {spec.high!r}]")
+        points.append(values or {})
+    return tuple(points)
+
+
+def _search(raw: Any, sections: dict[str, Any], issues: list[str]) -> SearchConfig | None:
+    values = _mapping(raw, "search", issues)
+    if values is None:
+        return None
+    nested = ("scheduler", "resources", "space", "enqueue")
+    kwargs = _checked(SearchConfig, "search", {k: v for k, v in values.items() if k not in nested}, issues)
+    for key, cls in (("scheduler", SchedulerConfig), ("resources", ResourcesConfig)):
+        sub = _mapping(values.get(key), f"search.{key}", issues)
+        if sub is not None:
+            obj = _construct(cls, f"search.{key}", _checked(cls, f"search.{key}", sub, issues), issues)
+            if obj is not None:
+                kwargs[key] = obj
+    kwargs["space"] = _space(values.get("space"), sections, issues)
+    kwargs["enqueue"] = _enqueue(values.get("enqueue"), kwargs["space"], issues)
+    if isinstance(kwargs.get("storage"), str):
+        kwargs["storage"] = _absolute_uri(kwargs["storage"])
+    # A space whose entries all failed is empty here: its entries' problems are reported already.
+    return _construct(SearchConfig, "search", kwargs, issues,
+                      drop=lambda p: bool(values.get("space")) and p.field == "search.space")
+
+
+def _tracking(raw: Any, issues: list[str]) -> TrackingConfig | None:
+    values = _mapping(raw, "tracking", issues)
+    if values is None:
+        return None
+    kwargs = _checked(TrackingConfig, "tracking", values, issues)
+    if isinstance(kwargs.get("uri"), str):
+        kwargs["uri"] = _absolute_uri(kwargs["uri"])
+    return _construct(TrackingConfig, "tracking", kwargs, issues)
+
+
+# ---------------------------------------------------------------------------------------------------- overrides
+
+
+# ---------------------------------------------------------------------------------------------------- whole files
+
+
+def _prepare(raw: Any, source: str, overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """A copy of ``raw`` with the overrides applied, and the problems found so far (overrides, top-level keys)."""
+    if not isinstance(raw, Mapping):
+        got = "an empty file" if raw is None else type(raw).__name__
+        raise ConfigError(f"{source}: expected a mapping at the top level ({', '.join(TOP_LEVEL)}), got {got}")
+    raw = _deep_copy(raw)                                  # overrides must not change the caller's mapping
+    issues: list[str] = []
+    for text in overrides:
+        apply_override(raw, text, issues)
+    for key in raw:
+        if key not in TOP_LEVEL:
+            issues.append(f"{key}: unknown key{_suggest(str(key), TOP_LEVEL)}")
+    return raw, issues
+
+
+def experiment_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None,
+                         overrides: Sequence[str] = ()) -> Experiment:
+    """Validate a raw mapping (as read from YAML) into an :class:`Experiment`; raise one :class:`ConfigError`."""
+    raw, issues = _prepare(raw, source, overrides)
+    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    name = raw.get("name")
+    if (problem := name_problem(name)) is not None:
+        issues.append(str(problem))
+    sections = {s: _run_section(s, raw.get(s), base_dir, issues) for s in SECTIONS}
+    search = _search(raw.get("search"), sections, issues)
+    tracking = _tracking(raw.get("tracking"), issues)
+    result = raw.get("result")
+    if result is not None and not isinstance(result, dict):
+        issues.append(f"result: expected a mapping, got {type(result).__name__}")
+    if issues:
+        raise ConfigError(f"{source}:\n  " + "\n  ".join(issues))
+    assert isinstance(name, str) and search is not None and tracking is not None   # else an issue was raised
+    return Experiment(name=name, run=RunConfig(**sections), search=search, tracking=tracking, result=result)
+
+
+def run_config_from_dict(raw: dict[str, Any] | None, *, source: str = "<dict>", base_dir: Path | None = None,
+                         overrides: Sequence[str] = ()) -> RunConfig:
+    """Only the model/data/train sections, validated as in :func:`experiment_from_dict` (one :class:`ConfigError`
+    listing every problem). ``drcaps train`` uses it: a file without a ``search`` section is fine here, and the
+    ``name``/``search``/``tracking``/``result`` sections of a full experiment file are ignored."""
+    raw, issues = _prepare({} if raw is None else raw, source, overrides)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    sections = {s: _run_section(s, raw.get(s), base, issues) for s in SECTIONS}
+    if issues:
+        raise ConfigError(f"{source}:\n  " + "\n  ".join(issues))
+    return RunConfig(**sections)
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_deep_copy(v) for v in value]
+    return value
