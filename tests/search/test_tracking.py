@@ -1,4 +1,4 @@
-"""search/tracking.py against a real MLflow 3.17.2: a SQLite store in tmp (shared per module), and one real server."""
+"""search/tracking/ against a real MLflow 3.17.2: a SQLite store in tmp (shared per module), and one real server."""
 
 from __future__ import annotations
 
@@ -181,9 +181,15 @@ def test_retry_backs_off_only_on_a_locked_database() -> None:
             raise RuntimeError("(sqlite3.OperationalError) database is locked")
         return "ok"
 
-    assert tracking._retry(flaky) == "ok" and len(calls) == 3
-    with pytest.raises(KeyError):
-        tracking._retry(lambda: {}["missing"])
+    assert tracking.with_retry(flaky) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(RuntimeError, match="database is locked"):     # gives up after `attempts` calls
+        tracking.with_retry(flaky, attempts=2)
+    assert len(calls) == 2
+    calls.clear()
+    with pytest.raises(KeyError):                                        # any other error: raised at once
+        tracking.with_retry(lambda: calls.append(1) or {}["missing"])
+    assert len(calls) == 1
 
 
 def test_end_run_rejects_unknown_status(uri: str, search: tuple[str, dict[str, str]]) -> None:
@@ -210,6 +216,7 @@ class TupleOut(TinyCaps):
 
 def test_registered_model_loads_back_and_predicts_the_same(uri: str) -> None:
     import mlflow
+    from mlflow import MlflowClient
 
     parent = tracking.start_search_run(uri, "models", run_name="s", params={}, tags={})
     run_id = tracking.find_or_create_trial_run(uri, "models", parent_run_id=parent, trial_id="t", run_name="t",
@@ -224,8 +231,9 @@ def test_registered_model_loads_back_and_predicts_the_same(uri: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))     # batch 7 though the example had 2
     second = tracking.log_and_register_model(uri, run_id, model, x[:2], registered_name="tiny-caps")
-    client = tracking._client(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert second == model_uri and str(client.get_model_version_by_alias("tiny-caps", "best").version) == "2"
+    assert tracking.model_version(uri, "tiny-caps", "best")["version"] == "2"
     assert isinstance(tracking.load_model(uri, "models:/tiny-caps/1"), TinyCaps)
     model_dir = Path(client.get_model_version_download_uri("tiny-caps", "2").removeprefix("file://"))
     assert (model_dir / "data" / "model.pth").is_file()                # pickle format, no model.pt2
