@@ -3,13 +3,16 @@
 A checkpoint is a dict: ``model`` and ``optimizer`` and ``scheduler`` state dicts, ``epoch`` (completed epochs),
 ``best_val_acc``, ``best_epoch``, ``metrics`` (the epoch's reported metrics), ``config`` (``RunConfig.to_dict()``)
 and ``rng`` (torch CPU and CUDA generator states). Only tensors, numbers, strings, lists and dicts, so
-``torch.load(weights_only=True)`` reads it.
+``torch.load(weights_only=True)`` reads it. ``resume_conflicts`` says (as data) why a run cannot continue one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +67,33 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     model = CapsNet(run.model)
     model.load_state_dict(state["model"])
     return model.to(map_location).eval(), run, state
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    """A field the run sets to another value than the checkpoint holds."""
+
+    field: str        # dotted, e.g. "model.units"
+    run: Any          # the run's value
+    checkpoint: Any   # the checkpoint's value
+
+
+@dataclass(frozen=True)
+class ResumeConflicts:
+    """Why ``run`` cannot continue a checkpoint; falsy when it can."""
+
+    model_changes: tuple[FieldChange, ...] = ()   # the run would build another model than the checkpoint holds
+    finished_epoch: int | None = None             # the checkpoint's epoch, when it is >= the run's train.epochs
+
+    def __bool__(self) -> bool:
+        return bool(self.model_changes) or self.finished_epoch is not None
+
+
+def resume_conflicts(state: Mapping[str, Any], run: RunConfig) -> ResumeConflicts:
+    """What stops ``run`` from resuming the checkpoint ``state`` (a :func:`load_checkpoint` dict): every model field
+    it changes (the weights would not fit), and whether the checkpoint already holds ``run.train.epochs`` or more."""
+    saved = RunConfig.from_dict(state["config"]).model
+    changes = tuple(FieldChange(f"model.{f.name}", getattr(run.model, f.name), getattr(saved, f.name))
+                    for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(run.model, f.name))
+    epoch = int(state["epoch"])
+    return ResumeConflicts(changes, epoch if epoch >= run.train.epochs else None)

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from drcapsnet.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, load_model, save_checkpoint
+from drcapsnet.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointError,
+    FieldChange,
+    ResumeConflicts,
+    load_checkpoint,
+    load_model,
+    resume_conflicts,
+    save_checkpoint,
+)
 from drcapsnet.config import DataConfig, RunConfig, TrainConfig, model_preset
 from drcapsnet.data import Datasets, load_datasets
 from drcapsnet.train import evaluate, train
@@ -117,3 +127,18 @@ def test_checkpoint_of_a_changed_config_round_trips(tmp_path: Path) -> None:
     model = torch.nn.Linear(1, 1)                 # any state dict: load_checkpoint only checks the keys
     save_checkpoint({"model": model.state_dict(), "config": run.to_dict(), "epoch": 0}, tmp_path / "c.pt")
     assert RunConfig.from_dict(load_checkpoint(tmp_path / "c.pt")["config"]) == run
+
+
+def test_resume_conflicts_name_each_changed_model_field_and_a_finished_checkpoint() -> None:
+    saved = RunConfig(model_preset("tiny", units=8), DATA, TrainConfig(epochs=3, device="cpu"))
+    state = {"config": saved.to_dict(), "epoch": 2}
+    assert not resume_conflicts(state, saved)                                # 2 of 3 epochs: it can go on
+    assert resume_conflicts(state, saved) == ResumeConflicts()
+    more = dataclasses.replace(saved, train=dataclasses.replace(saved.train, lr=0.5, epochs=4))
+    assert not resume_conflicts(state, more)                                 # training fields may change
+    other = dataclasses.replace(saved, model=dataclasses.replace(saved.model, units=4, routing_iterations=1),
+                                train=dataclasses.replace(saved.train, epochs=2))
+    conflicts = resume_conflicts(state, other)
+    assert conflicts and conflicts.finished_epoch == 2
+    assert conflicts.model_changes == (FieldChange("model.units", 4, 8), FieldChange("model.routing_iterations", 1,
+                                                                                     saved.model.routing_iterations))
