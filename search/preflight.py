@@ -1,13 +1,17 @@
 """Every check a search can make before any work starts, and the per-experiment lock: nothing here writes a record.
 
-``check_search`` runs before Ray starts or the parent run exists (commands.search_command and run_search call it);
-``check_cluster_resources`` right after ``ray.init`` (search/tune.py), still before the parent run. Each failure is
-one :class:`~drcapsnet.errors.DrcapsError` line naming the field or flag and the fix. Pure Python: no Ray, no MLflow.
+``check_search`` runs before Ray starts or the parent run exists (search_command and run_search call it);
+``check_cluster_resources`` right after ``ray.init`` (search/tune.py), still before the parent run; ``check_output``,
+``check_space_corners`` and ``check_data`` are the command layer's own up-front checks (search/commands/). Each
+failure is one :class:`~drcapsnet.errors.DrcapsError` line naming the field or flag and the fix. No Ray, no MLflow:
+only ``check_data`` loads anything (the data, through drcapsnet), and only when called.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
+import math
 import os
 import socket
 import time
@@ -15,14 +19,20 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from drcapsnet.errors import BusyError, ClusterError, ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from drcapsnet.config import RunConfig
+    from search.experiment import Experiment
 
 STATE_FILE = "drcaps-search.json"   # <storage>/<experiment>/: the latest search of it, what --resume continues
 LOCK_FILE = "drcaps-search.lock"    # <storage>/<experiment>/: held by the one search of it running there
 EVERY_EPOCH = ("train_loss", "images_per_s", "epoch_s")             # in every epoch's report
 OPTUNA_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+MAX_CORNERS = 4096   # space corners tried up front: every combination of each field's ends (or choices)
+SHAPE_FIELDS = ("in_channels", "image_size", "num_classes")   # model fields the data alone decides
 
 
 def study_name(experiment: str) -> str:
@@ -52,6 +62,59 @@ def writable_file_problem(path: Path) -> str | None:
     if path.exists() and not os.access(path, os.W_OK):
         return f"{path} is not writable"
     return writable_folder_problem(path.parent)
+
+
+def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
+    """An output a command will write must be writable BEFORE any work (a file, or a folder with ``folder``)."""
+    if path is None:
+        return
+    problem = writable_folder_problem(path) if folder else writable_file_problem(path)
+    if problem:
+        raise UsageError(f"{flag}: cannot write {path}: {problem}; pass a writable path")
+
+
+def _ends(spec: Any) -> list[Any]:
+    """A searched field's corner values: its choices, or its low and high."""
+    return list(spec.choices) if spec.type == "categorical" else [spec.low, spec.high]
+
+
+def check_space_corners(exp: Experiment) -> None:
+    """Fields that are fine alone can clash together (``model.conv_kernel`` and ``model.primary_kernel`` both at
+    their highs leave no capsule grid): try every combination of each searched field's ends or choices, so a
+    config error surfaces here, once, and not inside trials that Ray would retry."""
+    from search.space import apply_params
+
+    space = exp.search.space
+    candidates = [_ends(spec) for spec in space.values()]
+    if not candidates or math.prod(len(c) for c in candidates) > MAX_CORNERS:
+        return
+    for values in itertools.product(*candidates):
+        params = dict(zip(space, values))
+        try:
+            apply_params(exp, params)
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ConfigError(f"search.space: the combination {shown} is rejected ({e}); narrow those "
+                              "ranges") from None
+
+
+def check_data(run: RunConfig, space: Mapping[str, Any]) -> None:
+    """Load the data once up front (a torchvision dataset is downloaded here, once, not by every trial) and check
+    that the model and every value the search may propose fit it."""
+    from drcapsnet.data import load_datasets
+    from drcapsnet.train import check_compatible
+
+    datasets = load_datasets(run.data)
+    check_compatible(run.model, datasets)
+    for name in SHAPE_FIELDS:
+        spec = space.get(f"model.{name}")
+        if spec is None:
+            continue
+        want = getattr(datasets, name)
+        values = _ends(spec)
+        if any(v != want for v in values):
+            raise ConfigError(f"search.space.model.{name}: the data ({run.data.dataset}) fixes model.{name} at "
+                              f"{want}, but the space proposes {values}; remove model.{name} from search.space")
 
 
 def check_metric_every_epoch(metric: str, epochs: int, eval_interval: int, space: Mapping[str, object],
