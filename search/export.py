@@ -1,8 +1,10 @@
 """The best trial -> an experiment file that ``load_experiment`` reads again and ``drcaps train --config`` reruns.
 
-Pure: no Ray, no MLflow. ``search/tracking.py`` finds the run and its model URI; this module only writes them down.
-The file holds the full explicit ``model``/``data``/``train`` sections (no preset), the source's ``search`` and
-``tracking`` sections, and a ``result`` section (metrics, params, MLflow run id, model URI, trial id).
+``best_experiment`` and ``export_best`` are pure: no Ray, no MLflow. ``export_from_tracking`` (``drcaps export-best``)
+asks search.tracking for the latest search and its best trial (imported when called, so importing this module stays
+light) and writes them down through the two. The file holds the full explicit ``model``/``data``/``train`` sections
+(no preset), the source's ``search`` and ``tracking`` sections, and a ``result`` section (metrics, params, MLflow run
+id, model URI, trial id).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from search.experiment import Experiment, dump_experiment, to_plain
+from search.experiment import Experiment, dump_experiment, experiment_from_dict, parse_override, to_plain
 from search.space import apply_params
 
 
@@ -39,3 +41,31 @@ def export_best(best: Experiment, out: Path, fmt: Literal["yaml", "json"] = "yam
                + f"Retrain it: drcaps train --config {out.name}\n"
                + "Search again around it: drcaps search " + out.name)
     return dump_experiment(best, Path(out), fmt=fmt, comment=comment)
+
+
+def export_from_tracking(uri: str, experiment: str, out: Path, fmt: Literal["yaml", "json"] | None = None,
+                         csv: Path | None = None) -> tuple[Path, Experiment]:
+    """The best trial of the latest search of ``experiment`` (an MLflow experiment name) in the store at ``uri`` ->
+    an experiment file ``drcaps train --config`` takes, at ``out`` (``fmt``: from ``out``'s suffix, else yaml); with
+    ``csv``, every trial of that search as a CSV too. Returns the path written and the experiment it holds.
+    Raises TrackingError when ``experiment`` has no search in the store."""
+    import json
+
+    from search import tracking
+
+    parent = tracking.latest_search_run(uri, experiment)
+    if parent is None:
+        raise tracking.TrackingError(f"--experiment: no search of '{experiment}' in {uri}; run 'drcaps search' first, "
+                                     "or pass the --tracking-uri the search used")
+    source = json.loads(tracking.read_text_artifact(uri, parent.run_id, "resolved_experiment.json"))
+    exp = experiment_from_dict(source, source=f"run {parent.run_id}")
+    best = tracking.best_trial_run(uri, experiment, exp.search.metric, exp.search.mode, parent_run_id=parent.run_id)
+    params = {k: parse_override(f"{k}={best.params[k]}")[1] for k in exp.search.space if k in best.params}
+    chosen = best_experiment(exp, params, metrics=best.metrics, run_id=best.run_id,
+                             model_uri=parent.tags.get("drcaps.model_uri") or None,
+                             trial_id=best.tags.get("drcaps.trial_id"))
+    path = export_best(chosen, out, fmt or ("json" if out.suffix.lower() == ".json" else "yaml"))
+    if csv is not None:
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        tracking.trials_dataframe(uri, parent.run_id).to_csv(csv, index=False)
+    return path, chosen

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 
+from search import tracking
 from search.experiment import Experiment, experiment_from_dict, load_experiment
-from search.export import best_experiment, export_best
+from search.export import best_experiment, export_best, export_from_tracking
 from search.space import apply_params
 
 SOURCE = """\
@@ -86,3 +89,40 @@ def test_exported_yaml_is_explicit_and_says_how_to_rerun(tmp_path: Path) -> None
 def test_unknown_format_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must be one of yaml, json"):
         export_best(best(), tmp_path / "x.toml", fmt="toml")  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """A stand-in for the MLflow store: one search of ``src-exp`` (parent run p1) whose best trial is r123."""
+    import pandas as pd
+
+    calls: list[tuple[str, ...]] = []
+    parent = SimpleNamespace(run_id="p1", tags={"drcaps.model_uri": "models:/src-capsnet/1"})
+    trial = SimpleNamespace(run_id="r123", params={k: str(v) for k, v in PARAMS.items()}, metrics=METRICS,
+                            tags={"drcaps.trial_id": "t_0001"})
+    monkeypatch.setattr(tracking, "latest_search_run",
+                        lambda uri, name: parent if name == "src-exp" else None)
+    monkeypatch.setattr(tracking, "read_text_artifact",
+                        lambda uri, run_id, path: calls.append(("artifact", run_id, path)) or
+                        json.dumps(yaml.safe_load(SOURCE)))
+    monkeypatch.setattr(tracking, "best_trial_run",
+                        lambda uri, name, metric, mode, parent_run_id: calls.append(
+                            ("best", name, metric, mode, parent_run_id)) or trial)
+    monkeypatch.setattr(tracking, "trials_dataframe", lambda uri, run_id: pd.DataFrame({"run_id": ["r123", "r9"]}))
+    return calls
+
+
+def test_export_from_tracking_writes_the_best_trial_of_the_latest_search(tmp_path: Path,
+                                                                         recorded: list[tuple[str, ...]]) -> None:
+    path, chosen = export_from_tracking("sqlite:///x.db", "src-exp", tmp_path / "b.json", csv=tmp_path / "t.csv")
+    assert recorded == [("artifact", "p1", "resolved_experiment.json"), ("best", "src-exp", "val_acc", "max", "p1")]
+    assert chosen == best() and load_experiment(path) == best()
+    assert path.read_text().startswith("{")                        # the format follows the suffix
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["run_id", "r123", "r9"]
+
+
+def test_export_from_tracking_without_a_search_names_the_experiment(tmp_path: Path,
+                                                                    recorded: list[tuple[str, ...]]) -> None:
+    with pytest.raises(tracking.TrackingError, match="no search of 'nope' in sqlite:///x.db"):
+        export_from_tracking("sqlite:///x.db", "nope", tmp_path / "b.yaml")
+    assert list(tmp_path.iterdir()) == [] and recorded == []
