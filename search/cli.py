@@ -1,8 +1,9 @@
-"""``drcaps``: a thin command line over the library. Each command parses, calls library functions, and returns an
-exit code: 0 done, 2 the user's mistake (one ``error: ...`` line naming the bad value and the fix, before any work
-starts), 1 a run that failed (diverged, every trial failed, an export that could not be written), 130 interrupted
-(Ctrl-C or SIGTERM). Only :class:`DrcapsError` s are mapped (``EXIT_CODES``); anything else is a bug and propagates
-with its traceback.
+"""``drcaps``: a thin command line over the library, and the only module that knows argparse. It parses, maps the
+Namespace to one typed call of search/commands/ (``_call``; RUN_FLAGS maps each typed flag of ``drcaps train`` to
+its dotted field), and maps a DrcapsError to an exit code: 0 done, 2 the user's mistake (one ``error: ...`` line
+naming the bad value and the fix, before any work starts), 1 a run that failed (diverged, every trial failed, an
+export that could not be written), 130 interrupted (Ctrl-C or SIGTERM). Only :class:`DrcapsError` s are mapped
+(``EXIT_CODES``); anything else is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -160,16 +161,37 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt          # SIGTERM stops a command the way Ctrl-C does (state saved, exit 130)
 
 
+def _call(args: argparse.Namespace) -> int:
+    """The parsed command line as one typed call of search/commands/."""
+    if args.command == "train":
+        return commands.train_command(args.config, run_overrides(args), save_model=args.save_model,
+                                      load_model=args.load_model, checkpoint_dir=args.checkpoint_dir,
+                                      progress=not args.no_progress)
+    if args.command == "evaluate":
+        return commands.evaluate_command(checkpoint=args.checkpoint, model_uri=args.model_uri,
+                                         tracking_uri=args.tracking_uri, dataset=args.dataset, data_dir=args.data_dir,
+                                         split=args.split, batch_size=args.batch_size, cuda=not args.no_cuda)
+    if args.command == "validate":
+        return commands.validate_command(args.experiment, list(args.set), show_samples=args.show_samples)
+    if args.command == "search":
+        return commands.search_command(args.experiment, list(args.set), address=args.address,
+                                       tracking_uri=args.tracking_uri, storage_path=args.storage_path, out=args.out,
+                                       resume=args.resume, smoke_test=args.smoke_test, verbose=args.verbose)
+    if args.command == "export-best":
+        return commands.export_best_command(args.experiment, args.out, tracking_uri=args.tracking_uri,
+                                            fmt=args.format, csv=args.csv)
+    if args.command == "report":
+        return commands.report_command(args.experiment, tracking_uri=args.tracking_uri, out=args.out)
+    assert args.command == "ui", args.command
+    return commands.ui_command(tracking_uri=args.tracking_uri, port=args.port)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": commands.train_command, "evaluate": commands.evaluate_command,
-               "validate": commands.validate_command, "search": commands.search_command,
-               "export-best": commands.export_best_command, "report": commands.report_command,
-               "ui": commands.ui_command}[args.command]
     previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() \
         else None
     try:
-        return handler(args, run_overrides(args) if args.command == "train" else list(getattr(args, "set", [])))
+        return _call(args)
     except DrcapsError as e:
         print(one_line(e), file=sys.stderr)
         return exit_code(e)

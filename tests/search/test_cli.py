@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import pickle
 import socket
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from drcapsnet.checkpoint import load_checkpoint
-from search import tracking
+from drcapsnet.errors import ConfigError
+from search import commands, tracking
 from search.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,6 +186,34 @@ def test_evaluate_a_checkpoint_reproduces_its_test_accuracy(trained: Trained,
     assert correct / total == load_checkpoint(trained.model)["metrics"]["test_acc"]
 
 
+def test_evaluate_a_registered_model_scores_as_its_checkpoint(trained: Trained, store: str,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A model loaded from MLflow is a CapsNetClassifier: it is evaluated through its ``.capsnet``, like a file."""
+    from drcapsnet.checkpoint import load_model
+    from drcapsnet.model import CapsNetClassifier
+
+    assert main(["evaluate", "--checkpoint", str(trained.model), "--batch-size", "32", "--no-cuda"]) == 0
+    by_file = capsys.readouterr().out
+    monkeypatch.setattr(tracking, "load_model",
+                        lambda uri, model_uri: CapsNetClassifier(load_model(trained.model)[0]).eval())
+    assert main(["evaluate", "--model-uri", "models:/m@best", "--tracking-uri", store, "--batch-size", "32",
+                 "--no-cuda"]) == 0
+    by_uri = capsys.readouterr().out
+    assert by_uri.startswith("models:/m@best: accuracy ") and by_uri.split(": ", 1)[1] == by_file.split(": ", 1)[1]
+
+
+def test_commands_are_typed_functions(trained: Trained, capsys: pytest.CaptureFixture[str]) -> None:
+    """The library call behind each command line: no argparse Namespace."""
+    assert commands.validate_command(QUICKSTART, ["search.num_samples=3"], show_samples=1) == 0
+    out = capsys.readouterr().out
+    assert "3 trials" in out and "proposal 0:" in out
+    assert commands.evaluate_command(checkpoint=trained.model, batch_size=64, cuda=False, split="val") == 0
+    assert "on the digits val split" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="already holds 1 epochs"):
+        commands.train_command(None, ["train.epochs=1"], load_model=trained.model, progress=False)
+
+
 def test_evaluate_an_unknown_registered_model(store: str, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     _, err = _user_error(capsys, ["evaluate", "--model-uri", "models:/nope@best", "--tracking-uri", store])
@@ -271,3 +301,45 @@ def test_ui_without_a_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     _, err = _user_error(capsys, ["ui", "--tracking-uri", f"sqlite:///{db}"])
     assert str(db) in err and "--tracking-uri" in err
     assert not db.exists()
+
+
+def test_ray_client_ships_plain_data_and_writes_what_the_head_returns(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``--address ray://...``: the head gets picklable plain data (search_on_head and its arguments); its files are
+    written beside --out here and the paths it printed are shown as they are here."""
+    from search.commands.cluster import search_on_head
+
+    shipped: list[tuple[object, ...]] = []
+
+    def on_head(address: str, fn: object, *args: object) -> dict[str, object]:
+        shipped.append((address, fn, *pickle.loads(pickle.dumps(args))))
+        return {"error": None, "code": 0, "stdout": "exported best config: /head/out/b.yaml\n", "stderr": "",
+                "files": {"b.yaml": b"name: b\n"}, "out": "/head/out", "experiment": "/head/exp"}
+
+    monkeypatch.setattr("search.tune.run_on_head", on_head)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as listener:                       # something answers at the address
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"ray://127.0.0.1:{listener.getsockname()[1]}"
+        code = main(["search", str(QUICKSTART), "--address", address, "--out", str(tmp_path / "b.yaml"),
+                     "--smoke-test", "--set", "search.num_samples=3"])
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "b.yaml").read_bytes() == b"name: b\n"
+    assert f"exported best config: {tmp_path}/b.yaml" in out, out
+    [(where, fn, experiment, overrides, options, text)] = shipped
+    assert (where, fn, experiment, overrides) == (address, search_on_head, QUICKSTART, ["search.num_samples=3"])
+    assert options == {"tracking_uri": None, "storage_path": None, "out": tmp_path / "b.yaml", "resume": False,
+                       "smoke_test": True, "verbose": 0}
+    assert text == QUICKSTART.read_text()
+
+
+def test_search_on_head_returns_a_user_error_as_data() -> None:
+    """On the head, a DrcapsError comes back as data (raised again on the client), not as a failed task."""
+    from search.commands.cluster import search_on_head
+
+    outcome = search_on_head(QUICKSTART, ["search.num_samples=0"], {"out": None, "smoke_test": False},
+                             QUICKSTART.read_text())
+    assert set(outcome) == {"error"} and isinstance(outcome["error"], ConfigError)
+    assert "search.num_samples" in str(pickle.loads(pickle.dumps(outcome["error"])))

@@ -178,7 +178,7 @@ def test_sigterm_is_an_interrupt_not_a_kill(tmp_path: Path) -> None:
 
     code = ("import os, signal, sys, time\n"
             "from search import cli\n"
-            "def slow(args, overrides):\n"
+            "def slow(*args, **kwargs):\n"
             "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30); return 0\n"
             "cli.commands.validate_command = slow\n"
             "sys.exit(cli.main(['validate', 'x.yaml']))\n")

@@ -1,0 +1,101 @@
+"""``drcaps search --address ray://HOST:10001`` (docs/cluster.md): this machine is only a Ray Client. The whole
+command (:func:`search_on_head`) runs as one Ray task on the cluster's head (search.tune.run_on_head); what crosses
+is picklable plain data: the experiment file's text, the overrides, the options dict, and the outcome dict back.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from drcapsnet.errors import ConfigError
+from search.preflight import check_output
+
+
+def search_through_ray_client(experiment: Path, overrides: list[str], *, address: str,
+                              tracking_uri: str | None = None, storage_path: Path | None = None,
+                              out: Path | None = None, resume: bool = False, smoke_test: bool = False,
+                              verbose: int = 0) -> int:
+    """:func:`search_command` through Ray Client: this machine need not reach MLflow, PostgreSQL or Ray's storage
+    folder. Every check, the search and the export run on the cluster's head, with every URI and path as the cluster
+    sees it. Here: the checks that need nothing but this machine, then the exported files are written here and the
+    summary printed. Ctrl-C cancels the search on the cluster (its state saved, parent run KILLED): exit code 130."""
+    from search import preflight, tracking
+    from search.experiment import load_experiment
+    from search.tune import run_on_head
+
+    exp = load_experiment(experiment, overrides)
+    if explicit := tracking_uri or exp.tracking.uri:
+        tracking.check_tracking_uri_from_client(tracking.resolve_tracking_uri(explicit),
+                                                "--tracking-uri" if tracking_uri else "tracking.uri")
+    storage = exp.search.storage or ""
+    if storage.startswith("sqlite:"):
+        raise ConfigError(f"search.storage: {storage} is a SQLite file on this machine, which the Ray cluster's head "
+                          "(where a search started with --address ray://... runs) cannot open; use a postgresql:// "
+                          "server the cluster reaches, or leave it out to use the head's DRCAPS_OPTUNA_STORAGE, or "
+                          "run the search inside the stack (docker compose exec ray-head drcaps search ... "
+                          "--address auto)")
+    folder = (out or Path.cwd() / "placeholder").resolve().parent
+    check_output("--out", folder, folder=True)
+    preflight.check_address(address)       # last of the local checks: seconds, not Ray Client's 30 s timeout
+    print(f"running the search on the Ray cluster at {address}: the whole driver runs on its head node "
+          "(follow the trials in the MLflow UI); its output follows when it ends", flush=True)
+    options: dict[str, Any] = {"tracking_uri": tracking_uri, "storage_path": storage_path, "out": out,
+                               "resume": resume, "smoke_test": smoke_test, "verbose": verbose}   # no address there
+    try:
+        outcome = run_on_head(address, search_on_head, experiment, overrides, options, experiment.read_text())
+    except KeyboardInterrupt:
+        again = f"drcaps search {experiment} --resume --address {address}" + "".join(
+            f" {flag} {value}" for flag, value in (("--storage-path", storage_path),
+                                                   ("--tracking-uri", tracking_uri)) if value) + (
+            " --smoke-test" if smoke_test else "")
+        print(f"interrupted: the search's state is saved on the cluster; continue it with\n  {again}",
+              file=sys.stderr)
+        return 130
+    if outcome["error"] is not None:
+        raise outcome["error"]
+    for name, content in outcome["files"].items():           # the exported config, all trials, ...
+        (folder / name).write_bytes(content)
+    here = {outcome["out"]: str(folder), outcome["experiment"]: str(experiment.resolve().parent)}
+    for text, stream in ((outcome["stdout"], sys.stdout), (outcome["stderr"], sys.stderr)):
+        for there, path in here.items():                      # the paths it printed, as they are on this machine
+            text = text.replace(there, path)
+        stream.write(text)
+    return int(outcome["code"])
+
+
+def search_on_head(experiment: Path, overrides: list[str], options: dict[str, Any],
+                   experiment_text: str) -> dict[str, Any]:
+    """``drcaps search`` as a task on the head node (search.tune.run_on_head): :func:`search_command` with
+    ``options`` (its keyword arguments but ``address``) over a copy of the experiment file (``experiment_text``,
+    named as ``experiment``), its files written to a temporary folder and its output captured, all returned as
+    plain data: ``error`` (a DrcapsError, raised again on the client), else ``code``, ``stdout``, ``stderr``,
+    ``files`` ({name: bytes}) and the temporary folders (``out``, ``experiment``) the output names.
+    A Ctrl-C on the client arrives here as KeyboardInterrupt: the search stops as it would on a terminal."""
+    import contextlib
+    import io
+
+    from drcapsnet.errors import DrcapsError
+    from search.commands.searching import search_command
+    from search.experiment import load_experiment
+    from search.tune import smoke_experiment
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with tempfile.TemporaryDirectory(prefix="drcaps-out-") as out, \
+            tempfile.TemporaryDirectory(prefix="drcaps-exp-") as folder:
+        copy = Path(folder) / Path(experiment).name
+        copy.write_text(experiment_text)
+        try:
+            exp = load_experiment(copy, overrides)
+            given: Path | None = options.get("out")
+            name = given.name if given else \
+                f"{(smoke_experiment(exp) if options.get('smoke_test') else exp).name}.best.yaml"
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                code = search_command(copy, overrides, **{**options, "address": None, "out": Path(out) / name})
+        except DrcapsError as e:
+            return {"error": e}
+        files = {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()}
+    return {"error": None, "code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "files": files,
+            "out": out, "experiment": folder}
