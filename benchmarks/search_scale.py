@@ -56,13 +56,13 @@ def timed_limiter() -> type:
 
 
 def synthetic_trial(config: dict[str, Any], uri: str, experiment: str, parent_run_id: str) -> None:
-    """A trial that reports a synthetic learning curve to Tune and MLflow, as ``search.tune._trial`` does."""
+    """A trial that reports a synthetic learning curve to Tune and MLflow, as ``search.tune.run_trial`` does."""
     from ray import tune
 
     from search import tracking
     from search.tune import split_config
 
-    # As search.tune._trial does: with reuse_actors, Tune waits this long (default 2 s) for a stopped trial's thread
+    # As search.tune.run_trial does: with reuse_actors, Tune waits this long (default 2 s) for a stopped trial's thread
     # to finish before reusing its actor. Past it the reuse fails, and the next trial never runs (seen here at
     # 8 concurrent trials on SQLite: 2 of 150 trials lost, left RUNNING in Optuna).
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
@@ -124,7 +124,7 @@ def main() -> None:
 
     from search import tracking
     from search.experiment import experiment_from_dict
-    from search.tune import _scheduler, make_searcher
+    from search.tune import make_scheduler, make_searcher
 
     tmp = Path(tempfile.mkdtemp(prefix="drcaps-scale-"))
     try:
@@ -171,7 +171,7 @@ def main() -> None:
                                                      parent_run_id=parent), {"cpu": 1}),
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=trials, reuse_actors=True,
                                         search_alg=timed_limiter()(searcher, max_concurrent=args.concurrent),
-                                        scheduler=_scheduler(exp, EPOCHS)),
+                                        scheduler=make_scheduler(exp, EPOCHS)),
             run_config=tune.RunConfig(name="scale", storage_path=str(tmp / "ray"), verbose=0, callbacks=[Count()]))
         results = tuner.fit()
         wall = time.perf_counter() - t_start

@@ -2,7 +2,7 @@
 
 Runs ``drcaps search experiments/quickstart.yaml`` (real embedded Ray, Optuna with SQLite, MLflow with a SQLite store,
 all in a temporary folder) and reads back what every trial recorded: the cumulative ``perf_*_s`` counters that
-``search.tune._trial`` reports with each epoch and logs to its MLflow run at its end (start-up: from the worker
+``search.tune.run_trial`` reports with each epoch and logs to its MLflow run at its end (start-up: from the worker
 process's start, or the previous trial's end in a reused actor, to the trial function; data; training; evaluation;
 checkpointing; MLflow writes; Tune's report hand-off; teardown: the end of the run, the best checkpoint's upload,
 clean-up). Then the search as a whole: wall time, Ray's start, and the share of the slots' time (wall x concurrent
@@ -43,7 +43,7 @@ def main() -> None:
 
     from search import tracking
     from search.experiment import load_experiment
-    from search.tune import _init_ray, run_search
+    from search.tune import init_ray, run_search
     t_import = time.perf_counter() - t_import
 
     exp = load_experiment(args.experiment)
@@ -59,7 +59,7 @@ def main() -> None:
         os.chdir(tmp)
         uri = f"sqlite:///{tmp}/mlflow.db"
         t0 = time.perf_counter()
-        _init_ray(None, 0)
+        init_ray(None, 0)
         t_ray = time.perf_counter() - t0
         t1 = time.perf_counter()
         result = run_search(exp, tracking_uri=uri, storage_path=Path(tmp) / "ray", verbose=0)

@@ -21,7 +21,7 @@ from drcapsnet.train import train
 from search import tracking
 from search.experiment import experiment_from_dict
 from search.space import apply_params
-from search.tune import SearchResult, _same_data, _shared_datasets, run_search
+from search.tune import SearchResult, run_search, same_data, shared_datasets
 
 SPACE = {"train.lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True},
          "model.routing_iterations": {"type": "int", "low": 1, "high": 3}}
@@ -117,8 +117,8 @@ def test_data_shared_through_the_object_store_trains_the_same_weights(tmp_path: 
 
 def test_shared_data_only_when_the_search_does_not_change_what_is_loaded(tmp_path: Path) -> None:
     a = DataConfig(dataset="digits", batch_size=32, limit_train=100)
-    assert _same_data(a, dataclasses.replace(a, batch_size=64, shift_pixels=0))
-    assert not _same_data(a, dataclasses.replace(a, limit_train=50))
-    assert _shared_datasets(_experiment(tmp_path)) is not None
+    assert same_data(a, dataclasses.replace(a, batch_size=64, shift_pixels=0))
+    assert not same_data(a, dataclasses.replace(a, limit_train=50))
+    assert shared_datasets(_experiment(tmp_path)) is not None
     limited = _experiment(tmp_path, space={**SPACE, "data.limit_train": {"type": "int", "low": 50, "high": 100}})
-    assert _shared_datasets(limited) is None
+    assert shared_datasets(limited) is None

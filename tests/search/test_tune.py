@@ -23,7 +23,7 @@ from search import tracking
 from search.commands import export_from_tracking
 from search.experiment import experiment_from_dict, load_experiment
 from search.space import apply_params
-from search.tune import ClusterError, SearchResult, _init_ray, _tune_interrupt_watch, make_searcher, run_search
+from search.tune import ClusterError, SearchResult, init_ray, make_searcher, run_search, tune_interrupt_watch
 
 SPACE = {
     "model.routing_iterations": {"type": "int", "low": 1, "high": 3},
@@ -189,26 +189,46 @@ def test_same_seed_proposes_the_same_first_configurations(tmp_path):
     assert first(7) != first(8)
 
 
-@pytest.mark.parametrize("signum", [None, signal.SIGINT, signal.SIGUSR1])
-def test_interrupt_watch_sees_ray_tunes_own_signal_handler_fire(signum):
-    """Ray Tune swallows the first Ctrl-C (Tuner.fit returns); the watch must tell that apart from a finished search
-    whatever state the trials were in. Runs Ray Tune's real handler set-up, as ``tune.run`` does inside ``fit``."""
-    from ray.tune.tune import _setup_signal_catching
+@pytest.mark.slow
+def test_interrupt_watch_sees_ray_tunes_own_signal_handler_fire(tmp_path):
+    """Ray Tune swallows the first Ctrl-C (Tuner.fit returns); the watch must tell that apart from a finished search.
+    A real fit on a real local Ray, the signal raised in the driver by a Tune callback as a trial reports."""
+    import time
 
-    before = signal.getsignal(signal.SIGINT)
-    with _tune_interrupt_watch(True) as interrupted:
-        event = _setup_signal_catching()
-        if signum is not None:
-            signal.raise_signal(signum)
-        assert event.is_set() == (signum is not None)         # Tune saw it (and did not raise)
-    assert interrupted() == (signum is not None)               # asked after the block, as run_search does
-    assert signal.getsignal(signal.SIGINT) is before           # the handler in place before is back
+    import ray
+    from ray import tune
+
+    def trainable(config: dict) -> None:
+        for i in range(60):
+            tune.report({"x": i})
+            time.sleep(0.05)
+
+    class Signal(tune.Callback):
+        def __init__(self, signum: int | None) -> None:
+            self.signum, self.sent = signum, False
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if self.signum is not None and not self.sent:
+                self.sent = True
+                signal.raise_signal(self.signum)
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        for signum in (None, signal.SIGINT, signal.SIGUSR1):
+            before = signal.getsignal(signal.SIGINT)
+            with tune_interrupt_watch(True) as interrupted:
+                tune.Tuner(trainable, run_config=tune.RunConfig(
+                    name=f"watch-{signum}", storage_path=str(tmp_path), callbacks=[Signal(signum)], verbose=0)).fit()
+            assert interrupted() == (signum is not None), signum     # asked after the block, as run_search does
+            assert signal.getsignal(signal.SIGINT) is before          # the handler in place before is back
+    finally:
+        ray.shutdown()
 
 
 def test_interrupt_watch_stays_out_where_tune_installs_no_handler():
     """Through Ray Client fit() runs on the cluster: nothing here handles SIGINT, so the watch must not read the
     untouched handler as "Tune fired" (a finished search would end as interrupted)."""
-    with _tune_interrupt_watch(False) as interrupted:
+    with tune_interrupt_watch(False) as interrupted:
         pass
     assert interrupted() is False
 
@@ -231,7 +251,7 @@ def test_ray_client_start_up_failure_is_retried_and_nothing_else_is(monkeypatch,
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     if calls == 1:
         with pytest.raises(ClusterError, match="cannot reach the Ray cluster at '127.0.0.1:1'"):
-            _init_ray(address, verbose=0)
+            init_ray(address, verbose=0)
     else:
-        _init_ray(address, verbose=0)
+        init_ray(address, verbose=0)
     assert attempts == [address] * calls

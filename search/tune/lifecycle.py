@@ -1,0 +1,252 @@
+"""A search from start to end, as the lifecycle reads: check, start Ray, open (or resume) the search's records,
+build the tuner, fit it (a Ctrl-C is an interrupt to resume, not an end), close every record.
+
+``run_search`` is the lifecycle; each step below it is one function. Where a search keeps its state:
+``<storage>/<experiment>/drcaps-search.json`` (what ``--resume`` reads), Tune's folder
+``<storage>/<experiment>/<study>/``, the MLflow parent run and the Optuna study, both named after the study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from search import preflight, tracking
+from search.experiment import Experiment, experiment_to_dict
+from search.preflight import STATE_FILE
+from search.progress import SearchProgress
+from search.tune import live, runtime, studies
+from search.tune.results import SearchResult, finish
+from search.tune.searcher import make_scheduler, make_searcher, trial_dirname
+from search.tune.trial import TrialContext, remove_temp_folders, run_trial, shared_datasets
+
+
+def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str | None = None,
+               storage_path: str | Path | None = None, resume: bool = False, smoke_test: bool = False,
+               verbose: int = 1) -> SearchResult:
+    """Run the experiment's search and return the ranked trials, the best config and its registered model.
+
+    ``verbose``: 0 silent, 1 the live view (search/progress.py), 2 also Ray Tune's own tables and library logs.
+    """
+    exp = smoke_experiment(exp) if smoke_test else exp
+    uri = tracking.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
+    root = Path(storage_path or Path.cwd() / "drcaps-runs").resolve()
+    check_search(exp, uri, root, resume)                      # nothing written, Ray not started
+    with _ray_and_lock(exp, root, address, verbose):          # Ray started or joined; this search's lock held
+        search = _reopen(exp, uri, root) if resume else _open(exp, uri, root, smoke_test)   # parent run, study
+        with _killed_on_exit(search):                         # error or Ctrl-C: parent run KILLED, re-raised
+            results = _fit(_tuner(search, resume, verbose), search, verbose)
+        return _close(search, results)                        # Optuna, MLflow runs, registry, report
+
+
+def check_search(exp: Experiment, uri: str, storage_root: Path, resume: bool) -> None:
+    """Every check of a search that needs neither Ray nor a record: tracking store and names, storage folder,
+    resume state, Optuna storage, the metric in every epoch's report. Raises a DrcapsError; writes nothing."""
+    tracking.check_tracking_uri(uri)
+    tracking.check_names(exp.mlflow_experiment, exp.registered_model)
+    preflight.check_storage(storage_root, exp.name, resume)
+    preflight.check_optuna_storage(studies.optuna_storage_url(exp, uri))
+    s = exp.search
+    preflight.check_metric_every_epoch(s.metric, exp.run.train.epochs, exp.run.train.eval_interval, s.space,
+                                       s.scheduler.name)
+
+
+def smoke_experiment(exp: Experiment) -> Experiment:
+    """2 trials x 1 epoch on at most 256 training images: checks the wiring in a minute."""
+    run = exp.run
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, epochs=1),
+                              data=dataclasses.replace(run.data, limit_train=min(run.data.limit_train or 256, 256)))
+    search = dataclasses.replace(exp.search, num_samples=2, time_budget_s=None)
+    # Apart from the real searches: its own name (Ray folder, lock, export file), MLflow experiment and registered
+    # model, and its parent run tagged drcaps.smoke_test, so no "latest"/"best" lookup of the real experiment sees it.
+    smoke_tracking = dataclasses.replace(exp.tracking, experiment=f"{exp.mlflow_experiment}-smoke",
+                                         registered_model=f"{exp.registered_model}-smoke")
+    return dataclasses.replace(exp, name=f"{exp.name}-smoke", run=run, search=search, tracking=smoke_tracking)
+
+
+def search_params(exp: Experiment) -> dict[str, Any]:
+    """The parent run's params: how the search was set up and what it searched (``space.<field>``), not the base
+    config's values of searched fields (those are in its ``resolved_experiment.json`` artifact)."""
+    s = exp.search
+    space = {f"space.{name}": (f"{spec.type} {list(spec.choices)}" if spec.type == "categorical" else
+                               f"{spec.type} [{spec.low}, {spec.high}]" + (" log" if spec.log else ""))
+             for name, spec in s.space.items()}
+    return {"search.sampler": s.sampler, "search.scheduler": s.scheduler.name, "search.seed": s.seed,
+            "search.num_samples": s.num_samples, "search.metric": s.metric, "search.mode": s.mode,
+            "search.max_concurrent": s.max_concurrent, "data.dataset": exp.run.data.dataset,
+            "train.epochs": exp.run.train.epochs} | space
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+@dataclass(frozen=True)
+class _Search:
+    """One search's records and places (what the state file holds, so ``--resume`` finds them again)."""
+
+    exp: Experiment
+    uri: str                      # MLflow tracking URI
+    storage: Path                 # <storage root>/<experiment>: the state file, the lock, one folder per study
+    storage_url: str              # the Optuna storage
+    study_name: str
+    parent_run_id: str
+
+    @property
+    def folder(self) -> Path:     # Tune's experiment folder
+        return self.storage / self.study_name
+
+
+@contextlib.contextmanager
+def _ray_and_lock(exp: Experiment, root: Path, address: str | None, verbose: int) -> Iterator[None]:
+    """Ray started here or joined (``address``), its resources checked against the search's, the libraries' chatter
+    down for the block, and the one lock of this experiment's storage folder held (checked free before Ray starts)."""
+    lock = preflight.SearchLock(root / exp.name / preflight.LOCK_FILE)
+    lock.check_free(exp.name)
+    resources = dataclasses.asdict(exp.search.resources)
+    if address is None and not os.environ.get("RAY_ADDRESS"):     # a local Ray gets this machine's CPUs/GPUs
+        preflight.check_resources(resources, {"CPU": float(os.cpu_count() or 1),
+                                              "GPU": float(torch.cuda.device_count())}, None)
+    # Trials checkpoint every epoch, so Tune snapshots its state often and, with sub-second GPU epochs, warns every
+    # few seconds, burying the progress view (seen on an H200): off for the search unless the user set it.
+    with runtime.quiet_logs(verbose), runtime.scoped_env(
+            {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}, keep_users=True):
+        preflight.check_address(address)      # seconds, not Ray's minutes of retries that ignore Ctrl-C
+        runtime.init_ray(address, verbose)    # before any MLflow run exists: a bad --address leaves nothing behind
+        preflight.check_resources(resources, runtime.cluster_resources(), address)
+        held = lock.acquire(exp.name)
+        try:
+            yield
+        finally:
+            held.release()
+
+
+def _open(exp: Experiment, uri: str, root: Path, smoke_test: bool) -> _Search:
+    """A new search: its study name, its Optuna tables, its MLflow parent run (setup, space, versions, files)."""
+    import optuna
+    import ray
+
+    study_name = preflight.study_name(exp.name)
+    storage_url = studies.optuna_storage_url(exp, uri)
+    studies.create_optuna_schema(storage_url)
+    parent_run_id = tracking.start_search_run(
+        uri, exp.mlflow_experiment, run_name=study_name, params=search_params(exp),
+        tags={"drcaps.study_name": study_name, "drcaps.experiment_file": str(exp.path or ""),
+              **({tracking.SMOKE_TAG: "true"} if smoke_test else {}),
+              "git.commit": _git_commit(), "version.ray": ray.__version__, "version.optuna": optuna.__version__,
+              "version.torch": torch.__version__, "version.python": platform.python_version()},
+        artifacts={"experiment.yaml": exp.path.read_text() if exp.path and exp.path.exists() else "",
+                   "resolved_experiment.json": json.dumps(experiment_to_dict(exp), indent=2, default=str),
+                   "search_space.json": json.dumps({k: dataclasses.asdict(v) for k, v in exp.search.space.items()},
+                                                   indent=2, default=str)})
+    return _Search(exp, uri, root / exp.name, storage_url, study_name, parent_run_id)
+
+
+def _reopen(exp: Experiment, uri: str, root: Path) -> _Search:
+    """The interrupted search of this experiment (its state file): parent run RUNNING again, study in step."""
+    state = json.loads((root / exp.name / STATE_FILE).read_text())
+    search = _Search(exp, uri, root / exp.name, studies.optuna_storage_url(exp, uri), state["study_name"],
+                     state["parent_run_id"])
+    studies.create_optuna_schema(search.storage_url)
+    tracking.reopen_run(uri, search.parent_run_id)
+    studies.reconcile_study(search.storage_url, search.study_name, search.folder)
+    return search
+
+
+@contextlib.contextmanager
+def _killed_on_exit(search: _Search) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        tracking.end_run(search.uri, search.parent_run_id, "KILLED")
+        raise
+
+
+def _tuner(search: _Search, resume: bool, verbose: int) -> Any:
+    """Tune's ``Tuner``: restored from the search's folder, or new (searcher, scheduler, trial resources; the state
+    file written). The data goes into Ray's object store once (``with_parameters``) when every trial uses the same;
+    ``reuse_actors`` keeps a trial worker (its process, its imports) for the next trial."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    exp, s = search.exp, search.exp.search
+    ctx = TrialContext(exp, search.uri, exp.mlflow_experiment, search.parent_run_id, s.resources.cpu, s.resources.gpu)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=shared_datasets(exp)),
+                                    {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
+    if resume:
+        return tune.Tuner.restore(str(search.folder), trainable, resume_unfinished=True, resume_errored=True)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=s.metric, mode=s.mode, num_samples=s.num_samples, time_budget_s=s.time_budget_s,
+            reuse_actors=True, trial_dirname_creator=trial_dirname,
+            search_alg=ConcurrencyLimiter(make_searcher(exp, search.study_name, search.storage_url),
+                                          max_concurrent=s.max_concurrent),
+            scheduler=make_scheduler(exp, exp.run.train.epochs)),
+        run_config=tune.RunConfig(
+            # Ray's own tables only under -v (verbose 2): the live view (search/progress.py) is the default.
+            name=search.study_name, storage_path=str(search.storage), verbose=0 if verbose < 2 else 2,
+            callbacks=[live.progress_callback(exp.run.train.epochs)],
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=s.metric,
+                                                    checkpoint_score_order=s.mode)))
+    search.storage.mkdir(parents=True, exist_ok=True)
+    (search.storage / STATE_FILE).write_text(json.dumps({
+        "parent_run_id": search.parent_run_id, "study_name": search.study_name, "storage_url": search.storage_url,
+        "tracking_uri": search.uri}))
+    return tuner
+
+
+def _fit(tuner: Any, search: _Search, verbose: int) -> Any:
+    """``tuner.fit()`` under the live view; raises KeyboardInterrupt when it ended because of Ctrl-C."""
+    import ray
+    from ray import tune
+
+    exp, s = search.exp, search.exp.search
+    # Through Ray Client (ray://) fit() runs on the cluster: no Tune handler here, Ctrl-C raises as usual.
+    tune_catches = (not ray.util.client.ray.is_connected()
+                    and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")))   # the switch Tune reads
+    live.CURRENT = SearchProgress(s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
+                                  live=None if verbose == 1 else False) if verbose >= 1 else None
+    try:
+        with runtime.tune_interrupt_watch(tune_catches) as interrupted, live.CURRENT or contextlib.nullcontext():
+            results = tuner.fit()
+    finally:
+        live.CURRENT = None
+    # Ray Tune handles the first SIGINT itself: it saves the experiment state, stops the trials (in memory they
+    # all read TERMINATED now) and fit() RETURNS as if the search had ended. That is an interrupt, to be continued
+    # with --resume. Where the watch stays out (Ray Client, TUNE_DISABLE_SIGINT_HANDLER=1, where Tune still stops
+    # on SIGUSR1), the saved state showing a trial that had not ended says so instead.
+    if interrupted() or (search.folder.exists() and any(t.status not in ("TERMINATED", "ERROR")
+                                                         for t in tune.ExperimentAnalysis(str(search.folder)).trials)):
+        raise KeyboardInterrupt
+    return results
+
+
+def _close(search: _Search, results: Any) -> SearchResult:
+    """Temporary folders gone, no Optuna trial left open, then the MLflow side (search/tune/results.py)."""
+    s = search.exp.search
+    # Every trial of this search, those a killed driver lost included (they have an MLflow run, no Ray result).
+    remove_temp_folders([str((r.metrics or {}).get("trial_id")) for r in results if (r.metrics or {}).get("trial_id")]
+                        + [r.tags["drcaps.trial_id"] for r in tracking.child_runs(search.uri, search.parent_run_id)
+                           if r.tags.get("drcaps.trial_id")])
+    studies.close_study(search.storage_url, search.study_name, results, s.metric, s.mode)
+    return finish(search.exp, results, search.uri, search.exp.mlflow_experiment, search.parent_run_id,
+                  search.study_name, search.storage_url, str(search.folder))
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

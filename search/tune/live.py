@@ -1,0 +1,52 @@
+"""The live view's link to Ray Tune: a Tune callback that forwards trial events (started, result, ended) to the
+:class:`~search.progress.SearchProgress` of the search running in this process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from search.progress import SearchProgress
+from search.tune.searcher import split_config
+from search.tune.trial import FAILURE_KEY
+
+CURRENT: SearchProgress | None = None   # the live view of the search running in this process, if any
+
+
+def progress_callback(max_epochs: int) -> Any:
+    """A Tune callback that forwards trial events to this process's live view (``CURRENT``). It holds no
+    reference to it, so Tune can pickle it with the experiment state and a resumed search shows its own view."""
+    from ray.tune import Callback
+
+    def view() -> SearchProgress | None:
+        from search.tune import live
+
+        return live.CURRENT
+
+    def error_line(trial: Any) -> str:
+        err = getattr(trial, "error_message", None) or ""
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        return lines[-1][:160] if lines else "error"
+
+    class DrcapsProgress(Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if (v := view()) is not None:
+                params, number = split_config(dict(trial.config))
+                v.started(trial.trial_id, number if number is not None else len(v.trials), params)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            if (v := view()) is not None:
+                v.result(trial.trial_id, result)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if (v := view()) is not None:
+                epochs = int((trial.last_result or {}).get("epoch", 0))
+                if failure := (trial.last_result or {}).get(FAILURE_KEY):
+                    v.ended(trial.trial_id, "failed", str(failure))
+                    return
+                v.ended(trial.trial_id, "finished" if epochs >= max_epochs else "stopped_early")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if (v := view()) is not None:
+                v.ended(trial.trial_id, "failed", error_line(trial))
+
+    return DrcapsProgress()
