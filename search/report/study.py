@@ -1,0 +1,134 @@
+"""The search-wide figures: Optuna's own plots (optimisation history, parallel coordinates, importances) over the
+search's study, opened from its storage or rebuilt from the MLflow runs, and the learning curves of the best trials
+with stopped ones marked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from search.report.data import TOP_CURVES, SearchData, Section, run_label, run_outcome, trial_params
+
+if TYPE_CHECKING:
+    import optuna
+    import plotly.graph_objects as go
+
+def open_study(data: SearchData, uri: str) -> tuple[optuna.Study, str]:
+    """The search's Optuna study from its storage (``drcaps.study_name`` on the parent run), else the same study
+    rebuilt in memory from the MLflow trial runs. Returns the study and where it came from."""
+    import optuna
+
+    from search.tune import optuna_storage_url
+
+    name = data.parent.tags.get("drcaps.study_name", "")
+    storage = data.parent.tags.get("drcaps.optuna_storage") or optuna_storage_url(data.experiment, uri)
+    reason = f"no study {name!r} in {storage}"
+    db = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else None
+    if name and (db is None or Path(db).exists()):     # RDBStorage would create an empty SQLite file
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+            if study.trials:
+                return study, f"Optuna study {name!r} in {storage}"
+        except (KeyError, ValueError, ImportError, RuntimeError) as e:
+            reason = f"cannot open study {name!r} in {storage}: {e}"
+        except Exception as e:                             # sqlalchemy errors: a missing table, a server down
+            reason = f"cannot open study {name!r} in {storage}: {type(e).__name__}: {e}"
+    return study_from_mlflow(data), f"rebuilt from the MLflow trial runs ({reason})"
+
+
+def study_from_mlflow(data: SearchData) -> optuna.Study:
+    import optuna
+
+    from search.space import to_distributions
+
+    s = data.experiment.search
+    states = {"finished": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
+    study = optuna.create_study(direction="maximize" if s.mode == "max" else "minimize")
+    study.set_metric_names([s.metric])
+    distributions = to_distributions(s.space)
+    for run in data.trials:
+        history = data.histories[run.run_id]
+        state = states.get(run_outcome(run), optuna.trial.TrialState.FAIL) if history else optuna.trial.TrialState.FAIL
+        best = (max if s.mode == "max" else min)((v for _, v in history), default=None)
+        params = trial_params(data.experiment, run)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: distributions[k] for k in params},
+            value=best if state == optuna.trial.TrialState.COMPLETE else None, state=state,
+            intermediate_values=dict(history), user_attrs={"mlflow_run_id": run.run_id}))
+    return study
+
+
+def counting_stopped_trials(study: optuna.Study) -> optuna.Study:
+    """An in-memory copy of ``study`` in which each trial stopped early (PRUNED) counts as completed with its best
+    intermediate value: what parallel coordinates and importances can use when fewer than 2 trials completed."""
+    import optuna
+
+    done, stopped = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    copy = optuna.create_study(direction=study.direction)
+    for t in study.trials:
+        if t.state == done:
+            copy.add_trial(t)
+        elif t.state == stopped and t.intermediate_values:
+            copy.add_trial(optuna.trial.create_trial(
+                params=t.params, distributions=t.distributions, value=best(t.intermediate_values.values()),
+                intermediate_values=t.intermediate_values, user_attrs=t.user_attrs))
+    return copy
+
+
+def study_sections(study: optuna.Study, metric: str, source: str) -> list[Section]:
+    import optuna
+    from optuna import visualization as ov
+
+    completed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    scored, scored_note = study, ""
+    if completed < 2:
+        scored = counting_stopped_trials(study)
+        scored_note = (f" Only {completed} trial ran every epoch, so the trials stopped early are counted here "
+                       f"with their best {metric}.")
+
+    def made(key: str, title: str, caption: str, plot: Callable[[], go.Figure], note: str = "") -> Section:
+        try:
+            return Section(key, title, caption, plot(), f"From the {source}.{note}")
+        except (ValueError, RuntimeError) as e:            # e.g. importances need two scored trials
+            return Section(key, title, caption, None, f"Not drawn: {e}")
+
+    return [
+        made("optimization_history", "Optimisation history",
+             f"Each trial's {metric} in the order Optuna proposed it, and the best so far: does the sampler improve "
+             "on its first proposals?", lambda: ov.plot_optimization_history(study, target_name=metric)),
+        made("parallel_coordinates", "Parallel coordinates",
+             f"One line per completed trial through its searched values, coloured by {metric}: which regions of the "
+             "space the good trials share.", lambda: ov.plot_parallel_coordinate(scored, target_name=metric),
+             scored_note),
+        made("param_importances", "Hyperparameter importance",
+             f"How much of the variation in {metric} over the completed trials each searched parameter explains "
+             "(Optuna's default importance evaluator).",
+             lambda: ov.plot_param_importances(scored, target_name=metric), scored_note),
+    ]
+
+
+def learning_curves(data: SearchData) -> Section:
+    import pandas as pd
+    import plotly.express as px
+
+    s = data.experiment.search
+    sign = 1.0 if s.mode == "max" else -1.0
+    ranked = sorted((t for t in data.trials if data.histories[t.run_id]),
+                    key=lambda t: -max(sign * v for _, v in data.histories[t.run_id]))[:TOP_CURVES]
+    rows = [{"epoch": step, s.metric: value, "trial": run_label(t), "outcome": run_outcome(t)}
+            for t in ranked for step, value in data.histories[t.run_id]]
+    caption = (f"{s.metric} per epoch of the {len(ranked)} best trials (MLflow metric histories). Dashed lines with "
+               "crosses are trials that did not run every epoch (stopped early by the scheduler, or failed); solid "
+               "ones ran every epoch.")
+    if not rows:
+        return Section("learning_curves", "Learning curves of the top trials", caption, None,
+                       "Not drawn: no trial logged the metric.")
+    df = pd.DataFrame(rows)
+    # finished: solid with dots; any other outcome (stopped early, interrupted, failed): dashed with crosses
+    fig = px.line(df, x="epoch", y=s.metric, color="trial", line_dash="outcome", symbol="outcome", markers=True,
+                  line_dash_map={"finished": "solid"}, line_dash_sequence=["dash", "dot", "dashdot"],
+                  symbol_map={"finished": "circle"}, symbol_sequence=["x", "cross", "diamond"])
+    fig.update_xaxes(dtick=1)
+    return Section("learning_curves", "Learning curves of the top trials", caption, fig)
