@@ -1,6 +1,6 @@
 """The one ranking of trials: a trial's value is the BEST value of the search metric it reached at any epoch.
 
-The printed table (search/tune.py), the registered model, the export at the end of ``drcaps search`` and
+The printed table (search/tune/results.py), the registered model, the export at the end of ``drcaps search`` and
 ``drcaps export-best`` all rank by this rule. Ties keep the earlier epoch and the earlier trial. NaN and infinite
 values never count. Pure: no Ray, no MLflow.
 """

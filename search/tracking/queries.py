@@ -130,7 +130,7 @@ def trials_dataframe(uri: str, parent_run_id: str) -> pd.DataFrame:
 
 
 def search_runs(uri: str, experiment: str) -> list[RunRecord]:
-    """Every search (parent) run of ``experiment``, newest first (search/report.py)."""
+    """Every search (parent) run of ``experiment``, newest first (search/report/)."""
     exp_id = experiment_id(uri, experiment)
     return [_record(r) for r in reversed(_search_all(uri, exp_id, "tags.`drcaps.role` = 'search'"))]
 

@@ -54,7 +54,7 @@ class SearchResult:
     storage_url: str
     experiment_path: str
     problems: tuple[str, ...] = ()    # what failed at the very end (registration) without losing the search
-    report_path: str | None = None    # the search's HTML report (search/report.py), also on its parent run
+    report_path: str | None = None    # the search's HTML report (search/report/), also on its parent run
 
 
 def summaries(results: Any, metric: str, mode: str, epochs: int) -> list[TrialSummary]:
