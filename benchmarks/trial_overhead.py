@@ -61,11 +61,17 @@ def main() -> None:
         t0 = time.perf_counter()
         init_ray(None, 0)
         t_ray = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        t1, wall1 = time.perf_counter(), time.time()
         result = run_search(exp, tracking_uri=uri, storage_path=Path(tmp) / "ray", verbose=0)
-        t_search = time.perf_counter() - t1
+        t_search, wall2 = time.perf_counter() - t1, time.time()
         ray.shutdown()
         runs = tracking.child_runs(uri, result.parent_run_id)
+        # The driver's side, from the trial runs' MLflow start and end times: before the first trial started, after
+        # the last one ended (registration of the best model, the report), and the slots' idle time between.
+        starts = [r.start_time / 1000 for r in runs if r.start_time]
+        ends = [r.end_time / 1000 for r in runs if r.end_time]
+        t_before = min(starts) - wall1 if starts else float("nan")
+        t_after = wall2 - max(ends) if ends else float("nan")
         per_trial = []
         for r in runs:
             m = {p: r.metrics.get(f"perf_{p}_s") for p in PHASES} | {
@@ -92,14 +98,20 @@ def main() -> None:
     fixed_first = [f for f, t in zip(fixed, per_trial) if t["worker_trials"] == 1]
     fixed_reused = [f for f, t in zip(fixed, per_trial) if t["worker_trials"] > 1]
     train_total = sum(t["train"] for t in per_trial)
+    eval_total = sum(t["eval"] for t in per_trial)
     slots = s.max_concurrent * t_search
     print(f"\n  trials in a reused actor: {reused} of {len(per_trial)}")
     print(f"  fixed cost per trial (wall - train - eval): mean {statistics.mean(fixed):.2f} s; "
           f"in a fresh worker {statistics.mean(fixed_first) if fixed_first else float('nan'):.2f} s, "
           f"in a reused one {statistics.mean(fixed_reused) if fixed_reused else float('nan'):.2f} s")
+    print(f"  driver: {t_before:.1f} s before the first trial's MLflow run (parent run, Optuna study, Tune's "
+          f"start, the first worker), {t_after:.1f} s after the last trial's run ended (its end, Optuna closed, "
+          f"best model registered, report written) = {(t_before + t_after) * s.max_concurrent / slots:.0%} of the "
+          f"slots' time")
     print(f"  search: slots x wall = {s.max_concurrent} x {t_search:.1f} s = {slots:.1f} s; "
-          f"training {train_total:.1f} s = {train_total / slots:.0%}; outside training {1 - train_total / slots:.0%} "
-          f"(evaluation {sum(t['eval'] for t in per_trial) / slots:.0%}, the rest: fixed costs, Ray's scheduling, "
+          f"training {train_total:.1f} s = {train_total / slots:.0%}; outside training {1 - train_total / slots:.0%}; "
+          f"outside training and evaluation {1 - (train_total + eval_total) / slots:.0%} "
+          f"(evaluation {eval_total / slots:.0%}; the rest: fixed costs, Ray's scheduling, "
           f"the registration, and slots idle at the end)")
 
 

@@ -15,8 +15,6 @@ drcapsnet/train.py, up-front checks in search/preflight.py, export in search/exp
 
 from __future__ import annotations
 
-from typing import Any
-
 from search.commands.cluster import search_on_head, search_through_ray_client
 from search.commands.records import export_best_command, report_command, ui_command
 from search.commands.searching import search_command
@@ -25,12 +23,3 @@ from search.commands.training import evaluate_command, train_command, validate_c
 __all__ = ["evaluate_command", "export_best_command", "report_command", "search_command", "search_on_head",
            "search_through_ray_client", "train_command", "ui_command", "validate_command"]
 
-
-def __getattr__(name: str) -> Any:
-    """``search.commands.export_from_tracking``: the old home of search.export.export_from_tracking, loaded on
-    first use (search.export loads the experiment modules, which a bare ``import search.commands`` need not)."""
-    if name == "export_from_tracking":
-        from search.export import export_from_tracking
-
-        return export_from_tracking
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,11 +33,13 @@ class RunRecord:
     tags: dict[str, str]
     status: str
     artifact_uri: str
+    start_time: int | None = None  # ms since the epoch, as MLflow keeps them
+    end_time: int | None = None    # None while the run is RUNNING
 
 
 def _record(run: Run) -> RunRecord:
     return RunRecord(run.info.run_id, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags),
-                     run.info.status, run.info.artifact_uri)
+                     run.info.status, run.info.artifact_uri, run.info.start_time, run.info.end_time)
 
 
 def quoted(value: str) -> str:

@@ -145,8 +145,9 @@ def tune_interrupt_watch(tune_catches: bool) -> Iterator[Callable[[], bool]]:
 # ================================================================ Ray Client: the search driver as a task on the head
 #
 # `drcaps search --address ray://HOST:10001` makes this process a Ray Client only: the machine it runs on need not
-# reach the MLflow server, PostgreSQL or Ray's storage folder. The whole command (search.commands.search_on_head:
-# every check, run_search, the export) runs as ONE Ray task pinned to the head node, where URIs and paths are as the
+# reach the MLflow server, PostgreSQL or Ray's storage folder. The whole command
+# (search.commands.cluster.search_on_head: every check, run_search, the export) runs as ONE Ray task pinned to the
+# head node, where URIs and paths are as the
 # cluster sees them (the head's MLFLOW_TRACKING_URI, DRCAPS_OPTUNA_STORAGE and DRCAPS_STORAGE_PATH, which
 # docker-compose.yml sets). The task returns plain data. Tune's own Ray Client support is not enough: it moves only
 # Tuner.fit to the head, leaving the parent run, the Optuna study and the export here, against URIs this machine may

@@ -21,7 +21,7 @@ import yaml
 
 from search import ranking, tracking
 from search.cli import main
-from search.commands import export_from_tracking
+from search.export import export_from_tracking
 
 DRCAPS = Path(sys.executable).parent / "drcaps"
 

@@ -20,8 +20,8 @@ from drcapsnet.checkpoint import load_model
 from drcapsnet.data import load_datasets
 from drcapsnet.train import evaluate
 from search import tracking
-from search.commands import export_from_tracking
 from search.experiment import experiment_from_dict, load_experiment
+from search.export import export_from_tracking
 from search.space import apply_params
 from search.tune import ClusterError, SearchResult, init_ray, make_searcher, run_search, tune_interrupt_watch
 
