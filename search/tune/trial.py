@@ -242,4 +242,3 @@ def node_tags(resumed_from: Path | None) -> dict[str, str]:
     if resumed_from is not None:
         tags["drcaps.resumed_from_epoch"] = str(load_checkpoint(resumed_from)["epoch"])
     return tags
-
