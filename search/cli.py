@@ -72,7 +72,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda", action="store_true", help="never use CUDA, even when available (train.device=cpu)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="drcaps", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -187,7 +187,7 @@ def _call(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() \
         else None
     try:

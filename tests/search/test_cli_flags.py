@@ -3,7 +3,7 @@ names, through the same validation path as ``--set``."""
 
 from __future__ import annotations
 
-from search.cli import RUN_FLAGS, _parser, run_overrides
+from search.cli import RUN_FLAGS, build_parser, run_overrides
 from search.experiment import load_run_config
 
 VALUES = {"--preset": "tiny", "--epochs": "3", "--batch-size": "16", "--lr": "1e-3", "--momentum": "0.8",
@@ -14,7 +14,7 @@ VALUES = {"--preset": "tiny", "--epochs": "3", "--batch-size": "16", "--lr": "1e
 def test_every_flag_sets_the_field_it_names():
     assert sorted(VALUES) == sorted(flag for flag, *_ in RUN_FLAGS)
     argv = ["train", *(x for flag, value in VALUES.items() for x in (flag, value)), "--no-cuda"]
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     overrides = run_overrides(args)
     run = load_run_config(None, overrides)
     flat = run.flat()
@@ -26,5 +26,5 @@ def test_every_flag_sets_the_field_it_names():
 
 
 def test_set_comes_last_so_it_wins_over_a_typed_flag():
-    args = _parser().parse_args(["train", "--lr", "0.1", "--set", "train.lr=0.2"])
+    args = build_parser().parse_args(["train", "--lr", "0.1", "--set", "train.lr=0.2"])
     assert load_run_config(None, run_overrides(args)).train.lr == 0.2
