@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from drcapsnet.errors import TrackingError
+from search.sqlite_tuning import tune_engine
 from search.tracking.uri import DEFAULT_ARTIFACTS, sqlite_path
 
 if TYPE_CHECKING:
@@ -50,7 +51,19 @@ def mlflow_client(uri: str) -> MlflowClient:
     """The ``MlflowClient`` of ``uri`` (tracking and registry), one per URI per process."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    _tune_sqlite(client)
+    return client
+
+
+def _tune_sqlite(client: MlflowClient) -> None:
+    """A SQLite store: WAL and ``synchronous=NORMAL`` on its engine (search/sqlite_tuning.py). MLflow 3.17 keeps one
+    SQLAlchemy engine per URI, shared by every client of the process; its own set-up (mlflow/store/db/utils.py) sets
+    no journal mode and no synchronous level. Any other store is left alone."""
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    engine = getattr(store, "engine", None)
+    if engine is not None:
+        tune_engine(engine)
 
 
 def with_retry(fn: Callable[[], T], attempts: int = 8) -> T:

@@ -10,6 +10,7 @@ from typing import Any
 from search.experiment import Experiment
 from search.progress import format_params
 from search.space import make_sampler, to_distributions
+from search.sqlite_tuning import tuned_optuna_storage
 
 
 def make_scheduler(exp: Experiment, max_t: int) -> Any:
@@ -116,6 +117,11 @@ def _searcher_class() -> type:
                 import logging
                 logging.getLogger(__name__).warning("optuna: could not record trial %s: %s", trial_id, e)
             self._completed_trials.add(trial_id)
+            # Nothing more is sent for it: the driver keeps no per-trial state past its end (Tune also pickles this
+            # searcher, _ot_trials included, at every experiment checkpoint). benchmarks/search_scale.py
+            self._ot_trials.pop(trial_id, None)
+            self._best.pop(trial_id, None)
+            self._steps.pop(trial_id, None)
 
     _Searcher = DrcapsOptunaSearch
     return _Searcher
@@ -127,13 +133,11 @@ _Searcher: type | None = None
 def make_searcher(exp: Experiment, study_name: str, storage_url: str | None) -> Any:
     """Ray's ``OptunaSearch`` (see ``_searcher_class``) over the experiment's space: seeded sampler, enqueued
     known-good points, and the study persisted in ``storage_url`` (an RDB URL; None keeps it in memory) so Optuna
-    Dashboard can open it."""
-    import optuna
-
+    Dashboard can open it; a SQLite one in WAL mode, search/sqlite_tuning.py)."""
     s = exp.search
     return _searcher_class()(space=to_distributions(s.space), metric=s.metric, mode=s.mode,
                              sampler=make_sampler(s.sampler, s.seed), study_name=study_name,
-                             storage=optuna.storages.RDBStorage(storage_url) if storage_url else None,
+                             storage=tuned_optuna_storage(storage_url) if storage_url else None,
                              points_to_evaluate=[dict(p) for p in s.enqueue] or None,
                              max_epochs=exp.run.train.epochs)
 
