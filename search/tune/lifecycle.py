@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import platform
 import subprocess
-from collections.abc import Iterator
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -29,6 +33,11 @@ from search.tune import live, runtime, studies
 from search.tune.results import SearchResult, finish
 from search.tune.searcher import make_scheduler, make_searcher, trial_dirname
 from search.tune.trial import TrialContext, remove_temp_folders, run_trial, shared_datasets
+
+if TYPE_CHECKING:
+    from drcapsnet.data import Datasets
+
+T = TypeVar("T")
 
 
 def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str | None = None,
@@ -42,10 +51,10 @@ def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str
     uri = tracking.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
     root = Path(storage_path or Path.cwd() / "drcaps-runs").resolve()
     check_search(exp, uri, root, resume)                      # nothing written, Ray not started
-    with _ray_and_lock(exp, root, address, verbose):          # Ray started or joined; this search's lock held
+    with _ray_and_lock(exp, root, address, verbose, lambda: _prepare(exp, uri)) as datasets:   # stores, data
         search = _reopen(exp, uri, root) if resume else _open(exp, uri, root, smoke_test)   # parent run, study
         with _killed_on_exit(search):                         # error or Ctrl-C: parent run KILLED, re-raised
-            results = _fit(_tuner(search, resume, verbose), search, verbose)
+            results = _fit(_tuner(search, resume, verbose, datasets), search, verbose)
         return _close(search, results)                        # Optuna, MLflow runs, registry, report
 
 
@@ -106,13 +115,17 @@ class _Search:
 
 
 @contextlib.contextmanager
-def _ray_and_lock(exp: Experiment, root: Path, address: str | None, verbose: int) -> Iterator[None]:
+def _ray_and_lock(exp: Experiment, root: Path, address: str | None, verbose: int,
+                  prepare: Callable[[], T]) -> Iterator[T]:
     """Ray started here or joined (``address``), its resources checked against the search's, the libraries' chatter
-    down for the block, and the one lock of this experiment's storage folder held (checked free before Ray starts)."""
+    down for the block, and the one lock of this experiment's storage folder held (checked free before Ray starts).
+    Yields what ``prepare()`` returned: it runs while a local Ray starts (seconds each: a fresh MLflow store's
+    schema, the data), and after ``ray.init`` for a cluster, so a bad address leaves nothing behind."""
     lock = preflight.SearchLock(root / exp.name / preflight.LOCK_FILE)
     lock.check_free(exp.name)
     resources = dataclasses.asdict(exp.search.resources)
-    if address is None and not os.environ.get("RAY_ADDRESS"):     # a local Ray gets this machine's CPUs/GPUs
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    if local:                                 # a local Ray gets this machine's CPUs/GPUs
         preflight.check_resources(resources, {"CPU": float(os.cpu_count() or 1),
                                               "GPU": float(torch.cuda.device_count())}, None)
     # Trials checkpoint every epoch, so Tune snapshots its state often and, with sub-second GPU epochs, warns every
@@ -120,13 +133,25 @@ def _ray_and_lock(exp: Experiment, root: Path, address: str | None, verbose: int
     with runtime.quiet_logs(verbose), runtime.scoped_env(
             {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}, keep_users=True):
         preflight.check_address(address)      # seconds, not Ray's minutes of retries that ignore Ctrl-C
-        runtime.init_ray(address, verbose)    # before any MLflow run exists: a bad --address leaves nothing behind
+        with ThreadPoolExecutor(1, thread_name_prefix="drcaps-prepare") as pool:
+            prepared = pool.submit(prepare) if local else None
+            runtime.init_ray(address, verbose)    # a cluster: before any record, a bad --address leaves nothing
+            value = prepared.result() if prepared is not None else prepare()
         preflight.check_resources(resources, runtime.cluster_resources(), address)
         held = lock.acquire(exp.name)
         try:
-            yield
+            yield value
         finally:
             held.release()
+
+
+def _prepare(exp: Experiment, uri: str) -> Datasets | None:
+    """What a search needs before its first record, in seconds each, done while Ray starts: the MLflow store's
+    schema and the experiment (a fresh SQLite store takes ~10 s of migrations), the Optuna storage's tables, and
+    the data every trial will share (search/tune/trial.py ``shared_datasets``)."""
+    tracking.ensure_experiment(uri, exp.mlflow_experiment)
+    studies.create_optuna_schema(studies.optuna_storage_url(exp, uri))
+    return shared_datasets(exp)
 
 
 def _open(exp: Experiment, uri: str, root: Path, smoke_test: bool) -> _Search:
@@ -136,7 +161,6 @@ def _open(exp: Experiment, uri: str, root: Path, smoke_test: bool) -> _Search:
 
     study_name = preflight.study_name(exp.name)
     storage_url = studies.optuna_storage_url(exp, uri)
-    studies.create_optuna_schema(storage_url)
     parent_run_id = tracking.start_search_run(
         uri, exp.mlflow_experiment, run_name=study_name, params=search_params(exp),
         tags={"drcaps.study_name": study_name, "drcaps.experiment_file": str(exp.path or ""),
@@ -155,7 +179,6 @@ def _reopen(exp: Experiment, uri: str, root: Path) -> _Search:
     state = json.loads((root / exp.name / STATE_FILE).read_text())
     search = _Search(exp, uri, root / exp.name, studies.optuna_storage_url(exp, uri), state["study_name"],
                      state["parent_run_id"])
-    studies.create_optuna_schema(search.storage_url)
     tracking.reopen_run(uri, search.parent_run_id)
     studies.reconcile_study(search.storage_url, search.study_name, search.folder)
     return search
@@ -170,7 +193,7 @@ def _killed_on_exit(search: _Search) -> Iterator[None]:
         raise
 
 
-def _tuner(search: _Search, resume: bool, verbose: int) -> Any:
+def _tuner(search: _Search, resume: bool, verbose: int, datasets: Datasets | None) -> Any:
     """Tune's ``Tuner``: restored from the search's folder, or new (searcher, scheduler, trial resources; the state
     file written). The data goes into Ray's object store once (``with_parameters``) when every trial uses the same;
     ``reuse_actors`` keeps a trial worker (its process, its imports) for the next trial."""
@@ -179,7 +202,7 @@ def _tuner(search: _Search, resume: bool, verbose: int) -> Any:
 
     exp, s = search.exp, search.exp.search
     ctx = TrialContext(exp, search.uri, exp.mlflow_experiment, search.parent_run_id, s.resources.cpu, s.resources.gpu)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=shared_datasets(exp)),
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
                                     {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
     if resume:
         return tune.Tuner.restore(str(search.folder), trainable, resume_unfinished=True, resume_errored=True)
@@ -214,6 +237,7 @@ def _fit(tuner: Any, search: _Search, verbose: int) -> Any:
     # Through Ray Client (ray://) fit() runs on the cluster: no Tune handler here, Ctrl-C raises as usual.
     tune_catches = (not ray.util.client.ray.is_connected()
                     and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")))   # the switch Tune reads
+    threading.Thread(target=_warm_end_of_search, name="drcaps-warm", daemon=True).start()
     live.CURRENT = SearchProgress(s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
                                   live=None if verbose == 1 else False) if verbose >= 1 else None
     try:
@@ -241,6 +265,21 @@ def _close(search: _Search, results: Any) -> SearchResult:
     studies.close_study(search.storage_url, search.study_name, results, s.metric, s.mode)
     return finish(search.exp, results, search.uri, search.exp.mlflow_experiment, search.parent_run_id,
                   search.study_name, search.storage_url, str(search.folder))
+
+
+END_OF_SEARCH_IMPORTS = ("mlflow.pytorch", "mlflow.models", "plotly.express", "plotly.offline", "optuna.visualization",
+                         "sklearn.metrics", "pandas")   # registration (search/tracking/registry.py), the report
+
+
+def _warm_end_of_search() -> None:
+    """Import what the end of a search needs (seconds of imports) while the trials run, in a thread at the lowest
+    CPU priority (Linux: a thread's own nice value), so the registration and the report start at once."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    for name in END_OF_SEARCH_IMPORTS:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
 
 
 def _git_commit() -> str:

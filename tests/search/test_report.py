@@ -215,3 +215,18 @@ def test_report_of_a_missing_experiment_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and "'nope'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r.html").exists()
+
+
+def test_tiled_images_match_torchvisions_make_grid() -> None:
+    """The report tiles images itself (importing torchvision costs seconds at the end of a search): same pixels as
+    torchvision's make_grid with 2 white pixels of padding, for grey and colour images."""
+    import torch
+    from torchvision.utils import make_grid
+
+    from search.report.model import tile_images
+
+    for channels in (1, 3):
+        grid = torch.rand(12, channels, 7, 5) * 1.2 - 0.1                 # values outside [0, 1] are clamped
+        ref = make_grid(grid.clamp(0, 1), nrow=4, padding=2, pad_value=1.0)
+        ref = ref[0] if channels == 1 else ref.permute(1, 2, 0)
+        assert (tile_images(grid, rows=3) == (ref * 255).round().byte().numpy()).all()
