@@ -37,6 +37,21 @@ def open_study(data: SearchData, uri: str) -> tuple[optuna.Study, str]:
     return study_from_mlflow(data), f"rebuilt from the MLflow trial runs ({reason})"
 
 
+def _in_memory_study(direction: str | optuna.study.StudyDirection) -> optuna.Study:
+    """``optuna.create_study`` without its "A new study created in memory" log line, the logger's level put back."""
+    import logging
+
+    import optuna
+
+    logger = logging.getLogger("optuna")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        return optuna.create_study(direction=direction)
+    finally:
+        logger.setLevel(level)
+
+
 def study_from_mlflow(data: SearchData) -> optuna.Study:
     import optuna
 
@@ -44,7 +59,7 @@ def study_from_mlflow(data: SearchData) -> optuna.Study:
 
     s = data.experiment.search
     states = {"finished": optuna.trial.TrialState.COMPLETE, "stopped_early": optuna.trial.TrialState.PRUNED}
-    study = optuna.create_study(direction="maximize" if s.mode == "max" else "minimize")
+    study = _in_memory_study("maximize" if s.mode == "max" else "minimize")
     study.set_metric_names([s.metric])
     distributions = to_distributions(s.space)
     for run in data.trials:
@@ -66,7 +81,7 @@ def counting_stopped_trials(study: optuna.Study) -> optuna.Study:
 
     done, stopped = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
     best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    copy = optuna.create_study(direction=study.direction)
+    copy = _in_memory_study(study.direction)
     for t in study.trials:
         if t.state == done:
             copy.add_trial(t)
