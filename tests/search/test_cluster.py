@@ -59,14 +59,17 @@ def ray_head() -> Iterator[Head]:
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:                           # GCS listening: the head is up
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "ray start exited"
-            time.sleep(0.5)
-        else:
-            pytest.fail("ray start --head did not listen within 90 s")
+        # GCS listening (the head is up) AND the Ray Client server listening: it starts last, and a test that
+        # connects through ray:// first found its port closed once ("Connection refused").
+        for listening in (port, client_port):
+            while time.monotonic() < deadline:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", listening)) == 0:
+                        break
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else "ray start exited"
+                time.sleep(0.5)
+            else:
+                pytest.fail(f"ray start --head did not listen on port {listening} within 90 s")
         time.sleep(3)                                                # raylet registers after GCS
         yield Head(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}", temp_dir, store)
     finally:
