@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from drcapsnet.errors import ConfigError, Problem, raise_problems
+from drcapsnet.errors import ConfigError, Problem, need, raise_problems
 
 RoutingKind = Literal["dynamic", "attention"]
 OptimizerName = Literal["sgd", "adam"]
@@ -30,13 +30,6 @@ MAX_WIDTH = 4096      # upper bound of every size field: far above any useful ne
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _need(out: list[Problem], cond: bool, field: str, message: str) -> bool:
-    """Record ``field: message`` in ``out`` unless ``cond``; return ``cond`` (checks that build on it run only then)."""
-    if not cond:
-        out.append(Problem(field, message))
-    return cond
 
 
 @dataclass(frozen=True)
@@ -78,26 +71,26 @@ class ModelConfig:
         sizes_ok = True
         for name in sizes:
             value = getattr(self, name)
-            sizes_ok &= _need(out, isinstance(value, int) and value >= 1,
-                              f"model.{name}", f"must be an integer >= 1, got {value!r}") \
-                and _need(out, value <= MAX_WIDTH, f"model.{name}", f"must be at most {MAX_WIDTH}, got {value!r}")
-        _need(out, isinstance(self.num_classes, int) and self.num_classes >= 2,
-              "model.num_classes", f"must be an integer >= 2, got {self.num_classes!r}")
-        _need(out, isinstance(self.routing_iterations, int) and 1 <= self.routing_iterations <= 10,
-              "model.routing_iterations", f"must be an integer in [1, 10], got {self.routing_iterations!r}")
-        _need(out, self.routing in ROUTING_KINDS,
-              "model.routing", f"must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
+            sizes_ok &= need(out, isinstance(value, int) and value >= 1,
+                             f"model.{name}", f"must be an integer >= 1, got {value!r}") \
+                and need(out, value <= MAX_WIDTH, f"model.{name}", f"must be at most {MAX_WIDTH}, got {value!r}")
+        need(out, isinstance(self.num_classes, int) and self.num_classes >= 2,
+             "model.num_classes", f"must be an integer >= 2, got {self.num_classes!r}")
+        need(out, isinstance(self.routing_iterations, int) and 1 <= self.routing_iterations <= 10,
+             "model.routing_iterations", f"must be an integer in [1, 10], got {self.routing_iterations!r}")
+        need(out, self.routing in ROUTING_KINDS,
+             "model.routing", f"must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
         hidden = list(self.decoder_hidden)
-        if _need(out, all(isinstance(h, int) and h >= 1 for h in hidden),
-                 "model.decoder_hidden", f"must be a list of integers >= 1, got {hidden!r}"):
-            _need(out, all(h <= MAX_WIDTH for h in hidden),
-                  "model.decoder_hidden", f"each must be at most {MAX_WIDTH}, got {hidden!r}")
-        _need(out, _finite(self.reconstruction_weight) and self.reconstruction_weight >= 0,
-              "model.reconstruction_weight", f"must be a finite number >= 0, got {self.reconstruction_weight!r}")
+        if need(out, all(isinstance(h, int) and h >= 1 for h in hidden),
+                "model.decoder_hidden", f"must be a list of integers >= 1, got {hidden!r}"):
+            need(out, all(h <= MAX_WIDTH for h in hidden),
+                 "model.decoder_hidden", f"each must be at most {MAX_WIDTH}, got {hidden!r}")
+        need(out, _finite(self.reconstruction_weight) and self.reconstruction_weight >= 0,
+             "model.reconstruction_weight", f"must be a finite number >= 0, got {self.reconstruction_weight!r}")
         if sizes_ok:
-            _need(out, self.grid_size >= 1, "model.image_size",
-                  f"{self.image_size} is too small for conv_kernel={self.conv_kernel}, "
-                  f"primary_kernel={self.primary_kernel}, primary_stride={self.primary_stride}")
+            need(out, self.grid_size >= 1, "model.image_size",
+                 f"{self.image_size} is too small for conv_kernel={self.conv_kernel}, "
+                 f"primary_kernel={self.primary_kernel}, primary_stride={self.primary_stride}")
         return out
 
     @property
@@ -154,24 +147,24 @@ class DataConfig:
     def problems(self) -> list[Problem]:
         """Every problem of these values, as data (empty: valid)."""
         out: list[Problem] = []
-        _need(out, self.dataset in DATASETS,
-              "data.dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        _need(out, self.dataset != "idx" or bool(self.data_dir),
-              "data.data_dir", "required when data.dataset is 'idx' (a folder of train-*/t10k-* IDX files)")
-        _need(out, isinstance(self.batch_size, int) and self.batch_size >= 1,
-              "data.batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
+        need(out, self.dataset in DATASETS,
+             "data.dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        need(out, self.dataset != "idx" or bool(self.data_dir),
+             "data.data_dir", "required when data.dataset is 'idx' (a folder of train-*/t10k-* IDX files)")
+        need(out, isinstance(self.batch_size, int) and self.batch_size >= 1,
+             "data.batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
         fractions_ok = True
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
-            fractions_ok &= _need(out, isinstance(value, (int, float)) and 0.0 < value < 0.9,
-                                  f"data.{name}", f"must be a number in (0, 0.9), got {value!r}")
+            fractions_ok &= need(out, isinstance(value, (int, float)) and 0.0 < value < 0.9,
+                                 f"data.{name}", f"must be a number in (0, 0.9), got {value!r}")
         if fractions_ok:
-            _need(out, self.val_fraction + self.test_fraction <= 0.95, "data.val_fraction + data.test_fraction",
-                  f"must be <= 0.95 to leave training data, got {self.val_fraction} + {self.test_fraction}")
-        _need(out, isinstance(self.shift_pixels, int) and 0 <= self.shift_pixels <= 8,
-              "data.shift_pixels", f"must be an integer in [0, 8], got {self.shift_pixels!r}")
-        _need(out, self.limit_train is None or (isinstance(self.limit_train, int) and self.limit_train >= 10),
-              "data.limit_train", f"must be null or an integer >= 10, got {self.limit_train!r}")
+            need(out, self.val_fraction + self.test_fraction <= 0.95, "data.val_fraction + data.test_fraction",
+                 f"must be <= 0.95 to leave training data, got {self.val_fraction} + {self.test_fraction}")
+        need(out, isinstance(self.shift_pixels, int) and 0 <= self.shift_pixels <= 8,
+             "data.shift_pixels", f"must be an integer in [0, 8], got {self.shift_pixels!r}")
+        need(out, self.limit_train is None or (isinstance(self.limit_train, int) and self.limit_train >= 10),
+             "data.limit_train", f"must be null or an integer >= 10, got {self.limit_train!r}")
         return out
 
 
@@ -200,28 +193,28 @@ class TrainConfig:
     def problems(self) -> list[Problem]:
         """Every problem of these values, as data (empty: valid)."""
         out: list[Problem] = []
-        _need(out, isinstance(self.epochs, int) and self.epochs >= 1,
-              "train.epochs", f"must be an integer >= 1, got {self.epochs!r}")
-        _need(out, self.optimizer in OPTIMIZERS,
-              "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        _need(out, isinstance(self.lr, (int, float)) and 0.0 < self.lr <= 10.0,
-              "train.lr", f"must be a number in (0, 10], got {self.lr!r}")
-        _need(out, isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0,
-              "train.momentum", f"must be a number in [0, 1), got {self.momentum!r}")
-        _need(out, _finite(self.weight_decay) and self.weight_decay >= 0.0,
-              "train.weight_decay", f"must be a finite number >= 0, got {self.weight_decay!r}")
-        _need(out, isinstance(self.lr_decay, (int, float)) and 0.0 < self.lr_decay <= 1.0,
-              "train.lr_decay", f"must be a number in (0, 1], got {self.lr_decay!r}")
-        _need(out, isinstance(self.seed, int), "train.seed", f"must be an integer, got {self.seed!r}")
-        _need(out, self.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        _need(out, self.num_threads is None or (isinstance(self.num_threads, int) and self.num_threads >= 1),
-              "train.num_threads", f"must be null or an integer >= 1, got {self.num_threads!r}")
+        need(out, isinstance(self.epochs, int) and self.epochs >= 1,
+             "train.epochs", f"must be an integer >= 1, got {self.epochs!r}")
+        need(out, self.optimizer in OPTIMIZERS,
+             "train.optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(out, isinstance(self.lr, (int, float)) and 0.0 < self.lr <= 10.0,
+             "train.lr", f"must be a number in (0, 10], got {self.lr!r}")
+        need(out, isinstance(self.momentum, (int, float)) and 0.0 <= self.momentum < 1.0,
+             "train.momentum", f"must be a number in [0, 1), got {self.momentum!r}")
+        need(out, _finite(self.weight_decay) and self.weight_decay >= 0.0,
+             "train.weight_decay", f"must be a finite number >= 0, got {self.weight_decay!r}")
+        need(out, isinstance(self.lr_decay, (int, float)) and 0.0 < self.lr_decay <= 1.0,
+             "train.lr_decay", f"must be a number in (0, 1], got {self.lr_decay!r}")
+        need(out, isinstance(self.seed, int), "train.seed", f"must be an integer, got {self.seed!r}")
+        need(out, self.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        need(out, self.num_threads is None or (isinstance(self.num_threads, int) and self.num_threads >= 1),
+             "train.num_threads", f"must be null or an integer >= 1, got {self.num_threads!r}")
         for name in ("log_interval", "eval_interval"):
             value = getattr(self, name)
-            _need(out, isinstance(value, int) and value >= 1,
-                  f"train.{name}", f"must be an integer >= 1, got {value!r}")
-        _need(out, self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
-              "train.grad_clip", f"must be null or a number > 0, got {self.grad_clip!r}")
+            need(out, isinstance(value, int) and value >= 1,
+                 f"train.{name}", f"must be an integer >= 1, got {value!r}")
+        need(out, self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+             "train.grad_clip", f"must be null or a number > 0, got {self.grad_clip!r}")
         return out
 
 

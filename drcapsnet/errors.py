@@ -44,6 +44,14 @@ class ConfigError(DrcapsError, ValueError):
         return type(self), (str(self), self.problems)
 
 
+def need(problems: list[Problem], cond: bool, field: str, message: str) -> bool:
+    """A config's ``problems()`` step: record ``field: message`` in ``problems`` unless ``cond``; return ``cond``
+    (checks that build on the value run only when it holds)."""
+    if not cond:
+        problems.append(Problem(field, message))
+    return cond
+
+
 def raise_problems(problems: list[Problem]) -> None:
     """What a config dataclass's ``__post_init__`` ends with: nothing when ``problems`` is empty, else one
     :class:`ConfigError` carrying them all (its message: the first)."""

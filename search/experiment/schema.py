@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from drcapsnet.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from drcapsnet.errors import Problem, raise_problems
+from drcapsnet.errors import Problem, need, raise_problems
 
 METRICS: tuple[str, ...] = ("val_acc", "val_loss", "train_loss", "test_acc", "test_loss", "images_per_s", "epoch_s")
 SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp", "qmc")
@@ -34,11 +34,6 @@ def is_number(value: object) -> bool:
 
 def _whole_or_fraction(value: float) -> bool:
     return value <= 1 or float(value).is_integer()        # Ray: quantities above 1 must be whole
-
-
-def _need(out: list[Problem], cond: bool, where: str, message: str) -> None:
-    if not cond:
-        out.append(Problem(where, message))
 
 
 def name_problem(name: Any) -> Problem | None:
@@ -123,12 +118,12 @@ class SchedulerConfig:
 
     def problems(self) -> list[Problem]:
         out: list[Problem] = []
-        _need(out, self.name in SCHEDULERS,
-              "search.scheduler.name", f"must be one of {', '.join(SCHEDULERS)}, got {self.name!r}")
-        _need(out, isinstance(self.grace_period, int) and self.grace_period >= 1,
-              "search.scheduler.grace_period", f"must be an integer >= 1, got {self.grace_period!r}")
-        _need(out, is_number(self.reduction_factor) and self.reduction_factor > 1,
-              "search.scheduler.reduction_factor", f"must be a number > 1, got {self.reduction_factor!r}")
+        need(out, self.name in SCHEDULERS,
+             "search.scheduler.name", f"must be one of {', '.join(SCHEDULERS)}, got {self.name!r}")
+        need(out, isinstance(self.grace_period, int) and self.grace_period >= 1,
+             "search.scheduler.grace_period", f"must be an integer >= 1, got {self.grace_period!r}")
+        need(out, is_number(self.reduction_factor) and self.reduction_factor > 1,
+             "search.scheduler.reduction_factor", f"must be a number > 1, got {self.reduction_factor!r}")
         return out
 
 
@@ -146,8 +141,8 @@ class ResourcesConfig:
         out: list[Problem] = []
         for name in ("cpu", "gpu"):
             value = getattr(self, name)
-            _need(out, is_number(value) and value >= 0 and _whole_or_fraction(value), f"search.resources.{name}",
-                  f"must be a number >= 0, a fraction or a whole number, got {value!r}")
+            need(out, is_number(value) and value >= 0 and _whole_or_fraction(value), f"search.resources.{name}",
+                 f"must be a number >= 0, a fraction or a whole number, got {value!r}")
         return out
 
 
@@ -176,22 +171,22 @@ class SearchConfig:
 
     def problems(self) -> list[Problem]:
         out: list[Problem] = []
-        _need(out, self.metric in METRICS, "search.metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        _need(out, self.mode in ("max", "min"), "search.mode", f"must be one of max, min, got {self.mode!r}")
+        need(out, self.metric in METRICS, "search.metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        need(out, self.mode in ("max", "min"), "search.mode", f"must be one of max, min, got {self.mode!r}")
         for name in ("num_samples", "max_concurrent", "keep_checkpoints"):
             value = getattr(self, name)
-            _need(out, isinstance(value, int) and value >= 1,
-                  f"search.{name}", f"must be an integer >= 1, got {value!r}")
-        _need(out, isinstance(self.seed, int), "search.seed", f"must be an integer, got {self.seed!r}")
-        _need(out, self.sampler in SAMPLERS,
-              "search.sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        _need(out, self.time_budget_s is None or (is_number(self.time_budget_s) and self.time_budget_s > 0),
-              "search.time_budget_s", f"must be null or a number > 0, got {self.time_budget_s!r}")
-        _need(out, isinstance(self.max_failures, int) and self.max_failures >= -1,
-              "search.max_failures", f"must be an integer >= -1 (-1 = retry forever), got {self.max_failures!r}")
-        _need(out, self.storage is None or bool(self.storage), "search.storage", "must be null or a non-empty URL")
-        _need(out, bool(self.space), "search.space", "required, at least one parameter, "
-              "e.g. train.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}")
+            need(out, isinstance(value, int) and value >= 1,
+                 f"search.{name}", f"must be an integer >= 1, got {value!r}")
+        need(out, isinstance(self.seed, int), "search.seed", f"must be an integer, got {self.seed!r}")
+        need(out, self.sampler in SAMPLERS,
+             "search.sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        need(out, self.time_budget_s is None or (is_number(self.time_budget_s) and self.time_budget_s > 0),
+             "search.time_budget_s", f"must be null or a number > 0, got {self.time_budget_s!r}")
+        need(out, isinstance(self.max_failures, int) and self.max_failures >= -1,
+             "search.max_failures", f"must be an integer >= -1 (-1 = retry forever), got {self.max_failures!r}")
+        need(out, self.storage is None or bool(self.storage), "search.storage", "must be null or a non-empty URL")
+        need(out, bool(self.space), "search.space", "required, at least one parameter, "
+             "e.g. train.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}")
         return out
 
 
@@ -210,7 +205,7 @@ class TrackingConfig:
         out: list[Problem] = []
         for name in ("uri", "experiment", "registered_model"):
             value = getattr(self, name)
-            _need(out, value is None or bool(value), f"tracking.{name}", "must be null or a non-empty string")
+            need(out, value is None or bool(value), f"tracking.{name}", "must be null or a non-empty string")
         return out
 
 
