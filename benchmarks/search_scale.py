@@ -14,13 +14,16 @@ must be in its MLflow run, every trial in the Optuna study with a final state.
 
     python benchmarks/search_scale.py                      # 1,000 trials, SQLite stores
     python benchmarks/search_scale.py --postgres           # the same with PostgreSQL (initdb/pg_ctl on PATH)
-    python benchmarks/search_scale.py --quick              # 150 trials, SQLite untuned then tuned, + study.ask
+    python benchmarks/search_scale.py --quick              # 150 trials: SQLite untuned, Tune's defaults, as shipped
     python benchmarks/search_scale.py --no-sqlite-tuning   # SQLite's defaults (rollback journal, synchronous=FULL)
+    python benchmarks/search_scale.py --tune-defaults      # Tune's automatic loggers and per-trial statistics kept
     python benchmarks/search_scale.py --ask                # study.ask alone at 0/500/1000 trials, untuned vs tuned
     python benchmarks/search_scale.py --tracemalloc        # what the driver keeps from 20% of the trials to the end
 
 SQLite tuning is search/sqlite_tuning.py (WAL journal, synchronous=NORMAL); ``--no-sqlite-tuning`` sets
-DRCAPS_SQLITE_TUNING=0 for the driver and Ray's workers.
+DRCAPS_SQLITE_TUNING=0 for the driver and Ray's workers. The Tuner runs with what ``search.tune`` gives a search
+(search/tune/lean.py: no TensorBoard/CSV logger per trial, ended trials' statistics dropped) unless
+``--tune-defaults``.
 """
 
 from __future__ import annotations
@@ -84,12 +87,16 @@ def synthetic_trial(config: dict[str, Any], uri: str, experiment: str, parent_ru
     lr, momentum = params["train.lr"], params["train.momentum"]
     ceiling = 0.99 - 0.08 * math.log10(lr / 0.2) ** 2 - 0.2 * (momentum - 0.85) ** 2
     rng = random.Random(number)
-    ended = False
+    ended, best = False, 0.0
     try:
         for epoch in range(1, EPOCHS + 1):
             time.sleep(0.003)
             acc = max(0.0, ceiling * (1 - math.exp(-epoch / 2.5)) + rng.gauss(0, 0.005))
-            metrics = {"epoch": epoch, "val_acc": acc, "train_loss": 1 - acc}
+            best = max(best, acc)
+            # The keys drcapsnet.train reports each epoch (Tune keeps statistics per key: memory per trial).
+            metrics = {"epoch": epoch, "train_loss": 1 - acc, "train_acc": acc, "lr": lr, "images_per_s": 1e3,
+                       "val_loss": 1 - acc, "val_acc": acc, "best_val_acc": best, "best_epoch": epoch,
+                       "epoch_s": 0.003}
             t0 = time.perf_counter()
             logger.log_epoch(metrics, step=epoch)
             if epoch == EPOCHS:
@@ -211,6 +218,12 @@ def short(path: str) -> str:
     return path.split("/site-packages/")[-1] if "/site-packages/" in path else path.replace(str(ROOT) + "/", "")
 
 
+def tune_env(defaults: bool) -> Any:
+    from search.tune import lean, scoped_env
+
+    return scoped_env({} if defaults else lean.LEAN_ENV)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=None, help="default 1000 (quick: 150)")
@@ -218,9 +231,11 @@ def main() -> None:
     parser.add_argument("--postgres", action="store_true", help="MLflow and Optuna on a local PostgreSQL server")
     parser.add_argument("--port", type=int, default=55432)
     parser.add_argument("--quick", action="store_true",
-                        help="150 trials, on SQLite twice (--no-sqlite-tuning, then tuned), then --ask")
+                        help="150 trials, three times (--no-sqlite-tuning, --tune-defaults, as shipped), then --ask")
     parser.add_argument("--no-sqlite-tuning", action="store_true",
                         help="SQLite's defaults (DRCAPS_SQLITE_TUNING=0), not search/sqlite_tuning.py")
+    parser.add_argument("--tune-defaults", action="store_true",
+                        help="Tune's automatic loggers and per-trial statistics, not search/tune/lean.py's")
     parser.add_argument("--ask", action="store_true", help="only the study.ask microbenchmark")
     parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)   # --quick's second run
     parser.add_argument("--tracemalloc", action="store_true",
@@ -230,11 +245,11 @@ def main() -> None:
     if args.ask:
         ask_benchmark()
         return
-    if args.quick and not args.postgres and not args.no_sqlite_tuning and not args.tuned:
-        # Side by side, each in its own process (fresh stores, fresh Ray): SQLite's defaults, then tuned.
+    if args.quick and not (args.postgres or args.no_sqlite_tuning or args.tuned or args.tune_defaults):
+        # Side by side, each in its own process (fresh stores, fresh Ray): SQLite's defaults, Tune's, as shipped.
         base = [sys.executable, __file__, "--trials", str(trials), "--concurrent", str(args.concurrent)]
         base += ["--tracemalloc"] if args.tracemalloc else []
-        for extra in (["--no-sqlite-tuning"], ["--tuned"]):
+        for extra in (["--no-sqlite-tuning"], ["--tune-defaults"], ["--tuned"]):
             print(f"\n===== {' '.join(extra)} =====", flush=True)
             subprocess.run(base + extra, check=True)
         print("\n===== study.ask =====", flush=True)
@@ -249,7 +264,7 @@ def main() -> None:
 
     from search import tracking
     from search.experiment import experiment_from_dict
-    from search.tune import make_scheduler, make_searcher
+    from search.tune import lean, make_scheduler, make_searcher
 
     tmp = Path(tempfile.mkdtemp(prefix="drcaps-scale-"))
     try:
@@ -292,7 +307,7 @@ def main() -> None:
         ray.init(num_cpus=args.concurrent, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"DRCAPS_SQLITE_TUNING": os.environ.get("DRCAPS_SQLITE_TUNING", "1")}})
         me = psutil.Process()
-        samples: list[tuple[float, int, float]] = []      # (s since start, trials ended, driver RSS MiB)
+        samples: list[tuple[float, int, float, int]] = []   # (s since start, trials ended, driver RSS MiB, threads)
         stop = threading.Event()
         t_start = time.perf_counter()
 
@@ -301,7 +316,8 @@ def main() -> None:
                 if args.tracemalloc and "start" not in traced and ended[0] >= trials * 0.2:
                     traced["start"], traced["types_start"] = ended[0], type_counts()
                     tracemalloc.start(8)
-                samples.append((time.perf_counter() - t_start, ended[0], me.memory_info().rss / 2 ** 20))
+                samples.append((time.perf_counter() - t_start, ended[0], me.memory_info().rss / 2 ** 20,
+                                me.num_threads()))
                 stop.wait(1.0)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -312,8 +328,10 @@ def main() -> None:
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=trials, reuse_actors=True,
                                         search_alg=timed_limiter()(searcher, max_concurrent=args.concurrent),
                                         scheduler=make_scheduler(exp, EPOCHS)),
-            run_config=tune.RunConfig(name="scale", storage_path=str(tmp / "ray"), verbose=0, callbacks=[Count()]))
-        results = tuner.fit()
+            run_config=tune.RunConfig(name="scale", storage_path=str(tmp / "ray"), verbose=0,
+                                      callbacks=[Count()] + ([] if args.tune_defaults else lean.lean_callbacks())))
+        with tune_env(args.tune_defaults):
+            results = tuner.fit()
         wall = time.perf_counter() - t_start
         stop.set()
         sampler.join()
@@ -348,19 +366,20 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"{trials} simulated trials (up to {EPOCHS} epochs, ASHA), {args.concurrent} at once, MLflow and Optuna on "
-          f"{store}; {os.cpu_count()} cores (shared), load average {load_before:.1f} at the start, "
+          f"{store}; Tune {'defaults' if args.tune_defaults else 'as search.tune runs it (lean.py)'}; "
+          f"{os.cpu_count()} cores (shared), load average {load_before:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end; wall {wall:.0f} s, {trials / wall:.1f} trials/s")
     print("\ndriver memory (RSS) as trials end:")
-    print(f"  {'trials ended':>12s} {'time s':>8s} {'RSS MiB':>8s}")
+    print(f"  {'trials ended':>12s} {'time s':>8s} {'RSS MiB':>8s} {'threads':>8s}")
     shown = set()
-    for t, n, rss in samples:
+    for t, n, rss, threads in samples:
         decile = n * 10 // max(trials, 1)
         if decile not in shown:
             shown.add(decile)
-            print(f"  {n:12d} {t:8.0f} {rss:8.0f}")
+            print(f"  {n:12d} {t:8.0f} {rss:8.0f} {threads:8d}")
     if samples:
-        print(f"  {samples[-1][1]:12d} {samples[-1][0]:8.0f} {samples[-1][2]:8.0f}")
-    warm = [rss for _, n, rss in samples if n >= trials * 0.2]
+        print(f"  {samples[-1][1]:12d} {samples[-1][0]:8.0f} {samples[-1][2]:8.0f} {samples[-1][3]:8d}")
+    warm = [rss for _, n, rss, _ in samples if n >= trials * 0.2]
     if warm:
         print(f"  after 20% of trials: min {min(warm):.0f}, max {max(warm):.0f} MiB "
               f"(growth {max(warm) - warm[0]:+.0f} MiB over the remaining {100 - 20}%)")

@@ -1,8 +1,8 @@
 """Where a search trial's time goes: a real quickstart search on the CPU, broken down per trial and for the search.
 
 Runs ``drcaps search experiments/quickstart.yaml`` (real embedded Ray, Optuna with SQLite, MLflow with a SQLite store,
-all in a temporary folder) and reads back what every trial recorded: the cumulative ``perf_*_s`` counters that
-``search.tune.run_trial`` reports with each epoch and logs to its MLflow run at its end (start-up: from the worker
+all in a temporary folder) and reads back what every trial recorded: the ``perf_*_s`` counters that
+``search.tune.run_trial`` logs to its MLflow run at its end (start-up: from the worker
 process's start, or the previous trial's end in a reused actor, to the trial function; data; training; evaluation;
 checkpointing; MLflow writes; Tune's report hand-off; teardown: the end of the run, the best checkpoint's upload,
 clean-up). Then the search as a whole: wall time, Ray's start, and the share of the slots' time (wall x concurrent

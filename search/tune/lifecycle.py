@@ -29,7 +29,7 @@ from search import preflight, tracking
 from search.experiment import Experiment, experiment_to_dict
 from search.preflight import STATE_FILE
 from search.progress import SearchProgress
-from search.tune import live, runtime, studies
+from search.tune import lean, live, runtime, studies
 from search.tune.results import SearchResult, finish
 from search.tune.searcher import make_scheduler, make_searcher, trial_dirname
 from search.tune.trial import TrialContext, remove_temp_folders, run_trial, shared_datasets
@@ -129,9 +129,10 @@ def _ray_and_lock(exp: Experiment, root: Path, address: str | None, verbose: int
         preflight.check_resources(resources, {"CPU": float(os.cpu_count() or 1),
                                               "GPU": float(torch.cuda.device_count())}, None)
     # Trials checkpoint every epoch, so Tune snapshots its state often and, with sub-second GPU epochs, warns every
-    # few seconds, burying the progress view (seen on an H200): off for the search unless the user set it.
+    # few seconds, burying the progress view (seen on an H200): off for the search unless the user set it. Tune's
+    # automatic per-trial loggers are off too (search/tune/lean.py puts back the one drcaps reads).
     with runtime.quiet_logs(verbose), runtime.scoped_env(
-            {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}, keep_users=True):
+            {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", **lean.LEAN_ENV}, keep_users=True):
         preflight.check_address(address)      # seconds, not Ray's minutes of retries that ignore Ctrl-C
         with ThreadPoolExecutor(1, thread_name_prefix="drcaps-prepare") as pool:
             prepared = pool.submit(prepare) if local else None
@@ -217,7 +218,7 @@ def _tuner(search: _Search, resume: bool, verbose: int, datasets: Datasets | Non
         run_config=tune.RunConfig(
             # Ray's own tables only under -v (verbose 2): the live view (search/progress.py) is the default.
             name=search.study_name, storage_path=str(search.storage), verbose=0 if verbose < 2 else 2,
-            callbacks=[live.progress_callback(exp.run.train.epochs)],
+            callbacks=[live.progress_callback(exp.run.train.epochs), *lean.lean_callbacks()],
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=s.metric,
                                                     checkpoint_score_order=s.mode)))

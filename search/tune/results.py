@@ -164,7 +164,7 @@ def _write_report(uri: str, mlflow_experiment: str, parent_run_id: str, experime
 def prune_checkpoints(experiment_path: Path) -> None:
     """A finished search needs Ray's per-trial checkpoints no more (they exist so an interrupted search can resume):
     every trial's best weights are MLflow artifacts and the best model is registered. Ray's small files (params,
-    results, progress.csv: what ``tune.ExperimentAnalysis`` reads) are kept."""
+    result.json: what ``tune.ExperimentAnalysis`` reads) are kept."""
     if not experiment_path.is_dir():
         return
     for checkpoint in experiment_path.glob("*/checkpoint_*"):

@@ -81,8 +81,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, datasets: Datasets | No
 
     Fixed cost kept low (issue 9, benchmarks/trial_overhead.py): the data comes from the driver through the object
     store when it is the same for every trial; the weights-only best checkpoint is uploaded to MLflow once, at the
-    trial's end; Ray keeps the actor for the next trial (``reuse_actors``). Cumulative ``perf_*_s`` counters in
-    every report say where the trial's time went (start-up, data, train, eval, checkpoint, mlflow, tune)."""
+    trial's end; Ray keeps the actor for the next trial (``reuse_actors``). ``perf_*_s`` counters, logged to the
+    trial's MLflow run at its end (step 0), say where its time went (start-up, data, train, eval, checkpoint,
+    mlflow, tune, teardown); Tune's results carry only the epoch's metrics (search/tune/lean.py)."""
     from ray import tune
 
     entry = time.perf_counter()
@@ -173,8 +174,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, datasets: Datasets | No
             checkpoint = tune.Checkpoint.from_directory(d)
             perf["perf_ckpt_s"] += time.perf_counter() - t0
             with timing("perf_tune_s"):                       # hand-off to Tune, which persists the checkpoint
-                tune.report({**metrics, **perf, "perf_worker_trials": _WORKER["trials"], "mlflow_run_id": run_id},
-                            checkpoint=checkpoint)
+                tune.report({**metrics, "mlflow_run_id": run_id}, checkpoint=checkpoint)
         mark = time.perf_counter()
 
     stopped_at = None                                         # when training ended: teardown starts there

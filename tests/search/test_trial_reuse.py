@@ -122,3 +122,26 @@ def test_shared_data_only_when_the_search_does_not_change_what_is_loaded(tmp_pat
     assert shared_datasets(_experiment(tmp_path)) is not None
     limited = _experiment(tmp_path, space={**SPACE, "data.limit_train": {"type": "int", "low": 50, "high": 100}})
     assert shared_datasets(limited) is None
+
+
+@pytest.mark.slow
+def test_tune_keeps_only_what_drcaps_reads_back(searched) -> None:
+    """search/tune/lean.py: each trial leaves Tune's JSON results (what the ranking reads back), every epoch in them,
+    and no TensorBoard or CSV file; an ended trial's per-key statistics are gone from Tune's saved state."""
+    from ray import tune
+
+    result, tmp = searched
+    results = sorted((tmp / "ray").rglob("result.json"))
+    assert len(results) == len(result.trials) == 4
+    for path in results:
+        assert not (path.parent / "progress.csv").exists()
+        assert not list(path.parent.glob("events.out.tfevents*"))
+    epochs = sum(len(p.read_text().splitlines()) for p in results)
+    assert epochs == sum(t.epochs for t in result.trials)
+    [state] = list((tmp / "ray").rglob("experiment_state-*.json"))
+    trials = tune.ExperimentAnalysis(str(state.parent)).trials
+    assert len(trials) == 4
+    for trial in trials:
+        assert trial.status == "TERMINATED"
+        assert trial.last_result["epoch"] >= 1                   # what Tune reads back is still there
+        assert trial.run_metadata.metric_analysis == {} and trial.run_metadata.metric_n_steps == {}
