@@ -100,6 +100,25 @@ def test_digits_shapes_and_metadata(digits: Datasets):
     assert int(digits.train.images.max()) == 255 and int(digits.train.images.min()) == 0  # 0..16 scaled to 0..255
 
 
+def test_digits_read_from_the_file_equal_scikit_learns_load_digits(monkeypatch: pytest.MonkeyPatch):
+    """drcaps reads scikit-learn's digits file itself (importing scikit-learn costs ~1.6 s per search and trial):
+    the same images and labels as ``load_digits``, and the same again when only ``load_digits`` is there."""
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from drcapsnet.data import digits_arrays
+    bunch = load_digits()
+    pixels, labels = digits_arrays()
+    assert np.array_equal(pixels, bunch.images) and np.array_equal(labels, bunch.target)
+    assert labels.dtype == np.int64 and pixels.shape == (1797, 8, 8)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else
+                        real_find_spec(name, *a))                      # the file not found: the fallback
+    pixels2, labels2 = digits_arrays()
+    assert np.array_equal(pixels2, bunch.images) and np.array_equal(labels2, bunch.target)
+
+
 def test_digits_splits_are_disjoint_cover_all_1797_and_keep_class_proportions(digits: Datasets):
     from sklearn.datasets import load_digits
     all_rows = rows(digits.train) + rows(digits.val) + rows(digits.test)
