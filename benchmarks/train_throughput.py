@@ -6,6 +6,7 @@ present (bf16 autocast, as ``train`` uses, and the baseline in fp32 beside it). 
 
     python benchmarks/train_throughput.py                 # paper preset, batch 128
     python benchmarks/train_throughput.py --quick         # fewer steps (smoke)
+    python benchmarks/train_throughput.py --compile       # eager vs train.compile (torch.compile), side by side
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.steps import images_per_s, training_step  # noqa: E402
+from benchmarks.steps import images_per_s, synchronize, training_step  # noqa: E402
 from drcapsnet.config import ModelConfig, model_preset  # noqa: E402
 from drcapsnet.model import CapsNet, count_parameters  # noqa: E402
 
@@ -55,7 +58,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="few steps; a smoke run, not a measurement")
     parser.add_argument("--cpu-variants", default="all", help="'all' or 'baseline': the paper model is slow on CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="only eager vs compiled (train.compile), paper and small presets, per device")
+    parser.add_argument("--presets", default="paper,small", help="with --compile: which presets")
     args = parser.parse_args()
+    if args.compile:
+        compare_compiled(args)
+        return
 
     print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, "
           f"{torch.get_num_threads()} CPU threads, batch {args.batch_size}")
@@ -73,6 +82,35 @@ def main() -> None:
             ips = measure(cfg, device, args.batch_size, steps, warmup, bf16)
             base = base or ips
             print(f"  {label:32s} {ips:9.0f} {60000 / ips:12.1f} {ips / base:11.2f}x", flush=True)
+
+
+def compare_compiled(args: argparse.Namespace) -> None:
+    """Eager and compiled steps of each preset, alternating rounds on the same batch; the compile time is the
+    compiled step's first call (inductor's on-disk cache may shorten it on a second run)."""
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {torch.get_num_threads()} CPU threads, "
+          f"batch {args.batch_size}; train.compile = drcapsnet.train.compile_for_training")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        name = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores"
+        steps, rounds = (2, 1) if args.quick else ((3, 3) if device.type == "cpu" else (50, 5))
+        print(f"\n{device.type}: {name}")
+        print(f"  {'preset':8s} {'compile s':>10s} {'eager img/s':>12s} {'compiled img/s':>15s} {'s/60k eager':>12s} "
+              f"{'s/60k compiled':>15s} {'ratio':>7s}")
+        for preset in args.presets.split(","):
+            cfg = model_preset(preset)
+            eager = training_step(cfg, device, args.batch_size)
+            compiled = training_step(cfg, device, args.batch_size, compiled=True)
+            t0 = time.perf_counter()
+            compiled()
+            synchronize(device)
+            compile_s = time.perf_counter() - t0
+            e_ips, c_ips = [], []
+            for _ in range(rounds):
+                e_ips.append(images_per_s(eager, device, args.batch_size, steps, 1))
+                c_ips.append(images_per_s(compiled, device, args.batch_size, steps, 1))
+            e, c = statistics.median(e_ips), statistics.median(c_ips)
+            print(f"  {preset:8s} {compile_s:10.1f} {e:12.0f} {c:15.0f} {60000 / e:12.1f} {60000 / c:15.1f} "
+                  f"{c / e:6.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ def main() -> None:
         ends = [r.end_time / 1000 for r in runs if r.end_time]
         t_before = min(starts) - wall1 if starts else float("nan")
         t_after = wall2 - max(ends) if ends else float("nan")
+        idle = idle_slot_seconds([(r.start_time / 1000, r.end_time / 1000) for r in runs
+                                  if r.start_time and r.end_time], exp.search.max_concurrent)
         per_trial = []
         for r in runs:
             m = {p: r.metrics.get(f"perf_{p}_s") for p in PHASES} | {
@@ -105,11 +107,24 @@ def main() -> None:
           f"parent run, Tune's start, the first worker), {t_after:.1f} s after the last trial's run ended (its end, "
           f"Optuna closed, best model registered, report written) = "
           f"{(t_before + t_after) * s.max_concurrent / slots:.0%} of the slots' time")
+    print(f"  slots idle between the first trial's start and the last one's end: {idle:.1f} slot-s = "
+          f"{idle / slots:.0%} of the slots' time (a slot waiting for its next trial, or with none left at the end)")
     print(f"  search: slots x wall = {s.max_concurrent} x {t_search:.1f} s = {slots:.1f} s; "
           f"training {train_total:.1f} s = {train_total / slots:.0%}; outside training {1 - train_total / slots:.0%}; "
           f"outside training and evaluation {1 - (train_total + eval_total) / slots:.0%} "
           f"(evaluation {eval_total / slots:.0%}; the rest: fixed costs, Ray's scheduling, "
           f"the registration, and slots idle at the end)")
+
+
+def idle_slot_seconds(spans: list[tuple[float, float]], slots: int) -> float:
+    """Slot-seconds with no trial run open, from the first run's start to the last one's end."""
+    events = sorted([(t0, 1) for t0, _ in spans] + [(t1, -1) for _, t1 in spans])
+    idle, running, last = 0.0, 0, None
+    for t, delta in events:
+        if last is not None:
+            idle += max(0, slots - running) * (t - last)
+        running, last = running + delta, t
+    return idle
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ class TrainConfig:
     seed: int = 0
     device: DeviceName = "auto"          # auto = CUDA when available
     bf16: bool = True                    # bf16 autocast on CUDA; ignored on CPU
+    compile: bool = False                # torch.compile the training forward (train.compile_for_training)
     num_threads: int | None = None       # torch CPU threads; the search sets it to the trial's CPUs
     log_interval: int = 10               # batches between progress-bar updates of the running loss
     eval_interval: int = 1               # epochs between validation passes (the last epoch always evaluates)

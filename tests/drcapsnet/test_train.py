@@ -67,6 +67,26 @@ def _weights(tmp: Path, small: Datasets, seed: int) -> tuple[dict[str, float], d
     return metrics, load_checkpoint(tmp / LAST)["model"]
 
 
+@pytest.mark.slow                                    # inductor compiles the step on the CPU: ~30-60 s
+def test_a_compiled_run_trains_like_the_eager_one_and_checkpoints_plain_weights(tmp_path: Path,
+                                                                                 small: Datasets) -> None:
+    """``train.compile``: same metrics and weights as eager up to float rounding (fused kernels sum in another
+    order), over full batches (compiled) and the last, partial one (eager); checkpoints hold the plain module's
+    weights, no ``_orig_mod.`` prefix."""
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        cfg = _cpu(epochs=2, lr=0.05, momentum=0.9, compile=compiled)
+        metrics = train(model_preset("tiny"), SMALL, cfg, checkpoint_dir=tmp_path / name, datasets=small)
+        runs[name] = metrics, load_checkpoint(tmp_path / name / LAST)["model"]
+    (eager, eager_w), (comp, comp_w) = runs["eager"], runs["compiled"]
+    assert len(small.train.labels) % SMALL.batch_size != 0          # the eager last batch is exercised
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+        assert comp[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-4), key
+    assert comp_w.keys() == eager_w.keys()
+    for key in eager_w:
+        assert (comp_w[key] - eager_w[key]).abs().max() <= 1e-3 * max(1.0, float(eager_w[key].abs().max())), key
+
+
 def test_same_seed_gives_identical_runs_and_another_seed_does_not(tmp_path: Path, small: Datasets) -> None:
     metrics_a, weights_a = _weights(tmp_path / "a", small, seed=7)
     metrics_b, weights_b = _weights(tmp_path / "b", small, seed=7)
