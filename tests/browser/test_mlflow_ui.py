@@ -19,8 +19,9 @@ import pytest
 
 from search import tracking
 from search.report import FIGURES
-from search.tune import SearchResult, run_search
+from search.tune import SearchResult
 from tests.search.test_tune import _experiment
+from tests.searches import search_once
 from tests.servers import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,13 +36,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> SearchResult:
-    import ray
-
     tmp = tmp_path_factory.mktemp("browser")
-    try:
-        return run_search(_experiment(tmp), storage_path=tmp / "ray", verbose=0)
-    finally:
-        ray.shutdown()
+    return search_once(_experiment(tmp), tmp)
 
 
 @pytest.fixture(scope="module")

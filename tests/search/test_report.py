@@ -17,7 +17,8 @@ from search import tracking
 from search.cli import main
 from search.experiment import experiment_from_dict
 from search.report import FIGURES, REPORT_ARTIFACT, report_search
-from search.tune import SearchResult, run_search
+from search.tune import SearchResult
+from tests.searches import search_once
 
 TILE = 28 + 2                       # an MNIST-sized image and make_grid's padding
 
@@ -39,14 +40,8 @@ def _experiment(tmp: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path]:
-    import ray
-
     tmp = tmp_path_factory.mktemp("report")
-    try:
-        result = run_search(_experiment(tmp), storage_path=tmp / "ray", verbose=0)
-    finally:
-        ray.shutdown()
-    return result, tmp
+    return search_once(_experiment(tmp), tmp), tmp
 
 
 class _Figures(HTMLParser):

@@ -21,7 +21,8 @@ from drcapsnet.train import train
 from search import tracking
 from search.experiment import experiment_from_dict
 from search.space import apply_params
-from search.tune import SearchResult, run_search, same_data, shared_datasets
+from search.tune import SearchResult, same_data, shared_datasets
+from tests.searches import search_once
 
 SPACE = {"train.lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True},
          "model.routing_iterations": {"type": "int", "low": 1, "high": 3}}
@@ -42,14 +43,8 @@ def _experiment(tmp: Path, **search: object):
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path]:
-    import ray
-
     tmp = tmp_path_factory.mktemp("reuse")
-    try:
-        result = run_search(_experiment(tmp), storage_path=tmp / "ray", verbose=0)
-    finally:
-        ray.shutdown()
-    return result, tmp
+    return search_once(_experiment(tmp), tmp), tmp
 
 
 @pytest.mark.slow

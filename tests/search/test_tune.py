@@ -23,7 +23,8 @@ from search import tracking
 from search.experiment import experiment_from_dict, load_experiment
 from search.export import export_from_tracking
 from search.space import apply_params
-from search.tune import ClusterError, SearchResult, init_ray, make_searcher, run_search, tune_interrupt_watch
+from search.tune import ClusterError, SearchResult, init_ray, make_searcher, tune_interrupt_watch
+from tests.searches import search_once
 
 SPACE = {
     "model.routing_iterations": {"type": "int", "low": 1, "high": 3},
@@ -48,15 +49,8 @@ def _experiment(tmp: Path, **search: object) -> object:
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path]:
-    import ray
-
     tmp = tmp_path_factory.mktemp("search")
-    exp = _experiment(tmp)
-    try:
-        result = run_search(exp, storage_path=tmp / "ray", verbose=0)
-    finally:
-        ray.shutdown()
-    return result, tmp
+    return search_once(_experiment(tmp), tmp), tmp
 
 
 @pytest.mark.slow
