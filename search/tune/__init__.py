@@ -11,7 +11,7 @@ One concept per module, in the order a search meets them:
 - ``studies``: the Optuna study (its storage, its tables, kept in step with Ray on resume and at the end);
 - ``trial``: one trial in its worker (train, report to Tune and MLflow, checkpoint, its time breakdown);
 - ``live``: the Tune callback that feeds the live view (search/progress.py);
-- ``lean``: what Tune's driver keeps per trial, cut to what drcaps reads back (flat memory over long searches);
+- ``lean``: what Tune's driver keeps per trial, cut to what drcaps reads back (less memory per trial);
 - ``results``: the end (ranked trials, MLflow runs closed, best model registered, report, ``SearchResult``).
 
 Ray is imported inside functions, so ``import search.tune`` stays cheap. Import from here: the names below are the

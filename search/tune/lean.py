@@ -1,5 +1,5 @@
-"""What Ray Tune's driver keeps per trial, cut to what a drcaps search reads back, so the driver's memory stays
-flat over thousands of trials (issue 9, benchmarks/search_scale.py).
+"""What Ray Tune's driver keeps per trial, cut to what a drcaps search reads back, so the driver's memory grows
+less with every trial (issue 9, benchmarks/search_scale.py: 23 KiB of Python memory per ended trial instead of 91).
 
 Tune keeps every trial's state in the driver until ``fit`` returns. Two parts of it grow with every trial and are
 never read by drcaps (the ranking is search/ranking.py's, from each trial's reported epochs):
