@@ -148,9 +148,35 @@ def check_optuna_storage(url: str) -> None:
                               "search.storage to sqlite:///<writable folder>/optuna.db")
 
 
+# HTTP/2's client connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5): a gRPC server (Ray's GCS
+# and its Ray Client server both are) answers with a SETTINGS frame of its own, frame type 0x4.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _answers_grpc(conn: socket.socket, timeout_s: float) -> bool | None:
+    """Whether the server on ``conn`` speaks HTTP/2 (gRPC): True, False (it answered something else, or closed),
+    None (no answer within ``timeout_s``: a busy head may be slow; undecided)."""
+    conn.settimeout(timeout_s)
+    try:
+        conn.sendall(_HTTP2_HELLO)
+        head = b""
+        while len(head) < 9:
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except TimeoutError:
+        return None if not head else False
+    except OSError:
+        return False
+    return head[3] == 0x4
+
+
 def check_address(address: str | None, timeout_s: float = 3.0) -> None:
-    """``--address``: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``, and something must accept a TCP connection
-    there within ``timeout_s`` (Ray itself retries an unreachable address for minutes, ignoring Ctrl-C)."""
+    """``--address``: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``; something must accept a TCP connection there
+    within ``timeout_s``, and it must speak gRPC as a Ray head does (Ray itself retries an unreachable address, or a
+    port where another server answers, for minutes, ignoring Ctrl-C). With Ray's TLS (``RAY_USE_TLS``) only the
+    connection is checked."""
     if address in (None, "auto", "local"):
         return
     assert address is not None
@@ -160,11 +186,16 @@ def check_address(address: str | None, timeout_s: float = 3.0) -> None:
         raise ClusterError(f"--address: {address!r} is not auto, HOST:PORT or ray://HOST:PORT "
                            "(e.g. 127.0.0.1:6379 or ray://head:10001)")
     try:
-        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout_s):
-            pass
+        conn = socket.create_connection((host.strip("[]"), int(port_text)), timeout=timeout_s)
     except OSError as e:
         raise ClusterError(f"--address: cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start it "
                            "(ray start --head) or leave --address out to run Ray here") from None
+    with conn:
+        tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+        if not tls and _answers_grpc(conn, timeout_s) is False:
+            default = "10001 (Ray Client)" if address.startswith("ray://") else "6379 (the head's GCS)"
+            raise ClusterError(f"--address: something answers at {address!r} but it is not a Ray cluster (no gRPC "
+                               f"server there); check the host and port (Ray's default port: {default})")
 
 
 def check_resources(asked: Mapping[str, float], available: Mapping[str, float], address: str | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,25 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
+@pytest.fixture(scope="module")
+def http_port() -> Iterator[int]:
+    """A real HTTP/1 server on 127.0.0.1: something that accepts connections but is not Ray."""
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:   # not on the test's stderr
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture()
-def files(tmp_path: Path, store: str) -> dict[str, str]:
+def files(tmp_path: Path, store: str, http_port: int) -> dict[str, str]:
     """Inputs outside the working folder: a good experiment, a bad YAML, an empty file, a plain file, a folder."""
     d = tmp_path / "inputs"
     d.mkdir()
@@ -54,7 +72,7 @@ def files(tmp_path: Path, store: str) -> dict[str, str]:
     (d / "folder").mkdir()
     return {"exp": str(d / "exp.yaml"), "bad": str(d / "bad.yaml"), "empty": str(d / "empty.yaml"),
             "binary": str(d / "binary.yaml"), "file": str(d / "afile"), "dir": str(d / "folder"),
-            "port": str(_closed_port()), "store": store}
+            "port": str(_closed_port()), "http": str(http_port), "store": store}
 
 
 # (case id, argv with {placeholders} from `files`, substrings the error line must hold)
@@ -114,6 +132,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("address-syntax", ["search", "{exp}", "--address", "nowhere"], ["--address", "HOST:PORT"]),
     ("address-unreachable", ["search", "{exp}", "--address", "127.0.0.1:{port}"], ["--address", "cannot reach"]),
     ("ray-client-unreachable", ["search", "{exp}", "--address", "ray://127.0.0.1:{port}"], ["--address"]),
+    ("address-not-ray", ["search", "{exp}", "--address", "127.0.0.1:{http}"], ["not a Ray cluster", "6379"]),
+    ("ray-client-not-ray", ["search", "{exp}", "--address", "ray://127.0.0.1:{http}"], ["not a Ray cluster", "10001"]),
     ("resume-nothing", ["search", "{exp}", "--resume"], ["--resume"]),
     ("validate-bad-samples", ["validate", "{exp}", "--show-samples", "-1"], ["--show-samples"]),
     ("train-save-model-is-a-folder", ["train", "--save-model", "{dir}", "--epochs", "1"], ["--save-model"]),
