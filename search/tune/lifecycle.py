@@ -269,7 +269,7 @@ def _close(search: _Search, results: Any) -> SearchResult:
 
 
 END_OF_SEARCH_IMPORTS = ("mlflow.pytorch", "mlflow.models", "plotly.express", "plotly.offline", "optuna.visualization",
-                         "sklearn.metrics", "pandas")   # registration (search/tracking/registry.py), the report
+                         "pandas")   # registration (search/tracking/registry.py), the report
 
 
 def _warm_end_of_search() -> None:

@@ -166,12 +166,17 @@ def test_model_figures_describe_the_best_model_on_the_test_split(report, searche
 
     parsed, _, _ = report
     result, _ = searched
-    n_test = len(load_datasets(result.best_config.data).test)
+    test = load_datasets(result.best_config.data).test
+    n_test = len(test)
     cm = parsed.figures["confusion_matrix"]["data"][0]
     counts = _values(cm["z"])                                # 10 x 10, row-major
     assert len(counts) == 100 and sum(counts) == n_test
+    rows = [sum(counts[r * 10:(r + 1) * 10]) for r in range(10)]
+    assert rows == [int((test.labels == c).sum()) for c in range(10)]          # a row per true class
     lengths = parsed.figures["capsule_lengths"]["data"]
     assert sum(len(_values(t["x"])) for t in lengths) == n_test
+    correct = sum(len(_values(t["x"])) for t in lengths if t["name"] == "correct")
+    assert sum(counts[i * 11] for i in range(10)) == correct                    # the diagonal: right predictions
     assert {t["name"] for t in lengths} <= {"correct", "wrong"}
     assert all(0 <= v < 1 for t in lengths for v in _values(t["x"]))
     entropy = parsed.figures["coupling_entropy"]["data"][0]
@@ -225,3 +230,21 @@ def test_tiled_images_match_torchvisions_make_grid() -> None:
         ref = make_grid(grid.clamp(0, 1), nrow=4, padding=2, pad_value=1.0)
         ref = ref[0] if channels == 1 else ref.permute(1, 2, 0)
         assert (tile_images(grid, rows=3) == (ref * 255).round().byte().numpy()).all()
+
+
+@pytest.mark.slow
+def test_model_figures_say_why_they_are_not_drawn(searched) -> None:
+    """Without a best trial, every model figure is a section with no figure and a "Not drawn: why" note."""
+    import dataclasses
+
+    from search.report import data as report_data
+    from search.report.model import model_sections
+
+    result, _ = searched
+    loaded = report_data.load(result.tracking_uri, result.experiment.mlflow_experiment, result.parent_run_id)
+    sections = model_sections(dataclasses.replace(loaded, best=None), result.tracking_uri)
+    assert [s.key for s in sections] == [k for k in FIGURES if k in
+                                         ("confusion_matrix", "coupling_entropy", "capsule_lengths",
+                                          "reconstructions", "perturbation_grid")]
+    assert all(s.figure is None and s.note.startswith("Not drawn: no trial") and s.title and s.caption
+               for s in sections)
