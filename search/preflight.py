@@ -157,9 +157,9 @@ def _answers_grpc(conn: socket.socket, timeout_s: float) -> bool | None:
     """Whether the server on ``conn`` speaks HTTP/2 (gRPC): True, False (it answered something else, or closed),
     None (no answer within ``timeout_s``: a busy head may be slow; undecided)."""
     conn.settimeout(timeout_s)
+    head = b""
     try:
         conn.sendall(_HTTP2_HELLO)
-        head = b""
         while len(head) < 9:
             chunk = conn.recv(9 - len(head))
             if not chunk:
