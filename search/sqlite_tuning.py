@@ -83,8 +83,9 @@ def _storage_class() -> type:
 
         class TunedRDBStorage(optuna.storages.RDBStorage):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                tune_engine(self.engine)
+                super().__init__(*args, **kwargs)    # creates the tables (if missing) before any hook can run
+                if tune_engine(self.engine):
+                    self.engine.connect().close()    # switch the file to WAL now, not at the next query
 
             def __setstate__(self, state: dict[Any, Any]) -> None:
                 super().__setstate__(state)

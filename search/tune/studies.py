@@ -12,6 +12,7 @@ from typing import Any
 
 from search import ranking
 from search.experiment import Experiment
+from search.sqlite_tuning import tuned_optuna_storage
 from search.tune.searcher import TRIAL_NUMBER
 from search.tune.trial import FAILURE_KEY
 
@@ -37,14 +38,13 @@ def create_optuna_schema(storage_url: str) -> None:
         return
     import fcntl
 
-    import optuna
 
     folder = Path(storage_url.removeprefix("sqlite:///").partition("?")[0]).parent
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        optuna.storages.RDBStorage(storage_url)
+        tuned_optuna_storage(storage_url)        # a fresh file starts in WAL mode (search/sqlite_tuning.py)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -60,7 +60,7 @@ def reconcile_study(storage_url: str, study_name: str, exp_dir: Path) -> None:
     try:
         known = {int(t.config[TRIAL_NUMBER]) for t in tune.ExperimentAnalysis(str(exp_dir)).trials
                  if TRIAL_NUMBER in (t.config or {})}
-        storage = optuna.storages.RDBStorage(storage_url)
+        storage = tuned_optuna_storage(storage_url)
         study_id = storage.get_study_id_from_name(study_name)
         for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if trial.number not in known:
@@ -75,7 +75,7 @@ def close_study(storage_url: str, study_name: str, results: Any, metric: str, mo
     import optuna
 
     try:
-        storage = optuna.storages.RDBStorage(storage_url)
+        storage = tuned_optuna_storage(storage_url)
         study = optuna.load_study(study_name=study_name, storage=storage)
     except Exception as e:
         warnings.warn(f"could not open Optuna study {study_name!r} to close it: {e}", stacklevel=2)

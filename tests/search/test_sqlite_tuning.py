@@ -97,3 +97,13 @@ def test_drcaps_sqlite_tuning_0_leaves_sqlites_defaults(tmp_path: Path, monkeypa
     optuna.create_study(study_name="plain", storage=storage).optimize(lambda t: t.suggest_float("x", 0, 1), 2)
     assert _journal_mode(tmp_path / "optuna.db") == "delete"
     assert _synchronous(storage.engine) == 2                       # FULL
+
+
+def test_every_optuna_storage_drcaps_opens_is_tuned(tmp_path: Path) -> None:
+    """The schema created before a search (search/tune/studies.py) already puts a fresh file in WAL mode, as the
+    searcher's storage does: one way to open the study's storage."""
+    from search.tune.studies import create_optuna_schema
+
+    db = tmp_path / "optuna.db"
+    create_optuna_schema(f"sqlite:///{db}")
+    assert _journal_mode(db) == "wal"
