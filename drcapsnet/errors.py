@@ -71,16 +71,8 @@ class TrackingError(DrcapsError):
     """The tracking store cannot be used or does not hold what was asked for."""
 
 
-class ClusterError(DrcapsError):
-    """Ray could not be started or reached, lacks the resources asked for, or there is no search to resume."""
-
-
 class UsageError(DrcapsError):
     """A command-line flag or an output path is wrong (a flag that is not a config field)."""
-
-
-class BusyError(DrcapsError):
-    """Another search of the same experiment is running in the same storage folder."""
 
 
 class DivergedError(DrcapsError):
@@ -92,8 +84,3 @@ class DivergedError(DrcapsError):
 
     def __reduce__(self) -> tuple[type, tuple[int, str]]:     # pickle/copy (Ray ships errors between processes)
         return type(self), (self.epoch, self.what)
-
-
-class SearchFailedError(DrcapsError):
-    """A search ran but produced no usable result (every trial failed), or its end (export) could not be written;
-    the message says where the recorded results are."""

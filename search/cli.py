@@ -17,18 +17,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from drcapsnet.errors import (
-    BusyError,
     CheckpointError,
-    ClusterError,
     ConfigError,
     DataError,
     DivergedError,
     DrcapsError,
-    SearchFailedError,
     TrackingError,
     UsageError,
 )
 from search import commands
+from search.errors import BusyError, ClusterError, SearchFailedError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,36 +9,26 @@ only ``check_data`` loads anything (the data, through drcapsnet), and only when 
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import math
 import os
 import socket
-import time
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from drcapsnet.errors import BusyError, ClusterError, ConfigError, UsageError
+from drcapsnet.errors import ConfigError, UsageError
+from search.errors import ClusterError
+from search.state import STATE_FILE
 
 if TYPE_CHECKING:
     from drcapsnet.config import RunConfig
     from search.experiment import Experiment
 
-STATE_FILE = "drcaps-search.json"   # <storage>/<experiment>/: the latest search of it, what --resume continues
-LOCK_FILE = "drcaps-search.lock"    # <storage>/<experiment>/: held by the one search of it running there
 EVERY_EPOCH = ("train_loss", "images_per_s", "epoch_s")             # in every epoch's report
 OPTUNA_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 MAX_CORNERS = 4096   # space corners tried up front: every combination of each field's ends (or choices)
 SHAPE_FIELDS = ("in_channels", "image_size", "num_classes")   # model fields the data alone decides
-
-
-def study_name(experiment: str) -> str:
-    """A search's identity: ``<experiment>-<YYYYmmdd-HHMMSS>-<6 hex>``, unique even for searches started in the
-    same second (the Optuna study, the Ray folder and the MLflow parent run's name)."""
-    return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def writable_folder_problem(path: Path) -> str | None:
@@ -206,52 +196,6 @@ def check_resources(asked: Mapping[str, float], available: Mapping[str, float], 
         if need > have:
             raise ClusterError(f"search.resources.{field}: each trial asks for {need:g} {key}s but {where} has "
                                f"{have:g}; set search.resources.{field} to at most {have:g}")
-
-
-@dataclass
-class SearchLock:
-    """An exclusive ``flock`` on ``<storage>/<experiment>/drcaps-search.lock``, held while a search runs there."""
-
-    path: Path
-    handle: IO[str] | None = None
-
-    def check_free(self, experiment: str) -> None:
-        """Refuse at once, writing nothing, when another search holds the lock (before Ray starts: seconds)."""
-        if not self.path.is_file():
-            return
-        with self.path.open("r") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise self._busy(experiment, handle.read().strip()) from None
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-    def _busy(self, experiment: str, holder: str) -> BusyError:
-        return BusyError(f"--storage-path: another search of '{experiment}' is running in {self.path.parent} "
-                         f"({holder or 'another process'}); wait for it to end, or pass another --storage-path")
-
-    def acquire(self, experiment: str) -> SearchLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            handle.close()
-            raise self._busy(experiment, holder) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        self.handle = handle
-        return self
-
-    def release(self) -> None:
-        if self.handle is not None:
-            fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
-            self.handle.close()
-            self.handle = None
 
 
 def check_storage(storage_root: Path, experiment: str, resume: bool) -> None:

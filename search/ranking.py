@@ -43,3 +43,21 @@ def rank(items: Sequence[T], value: Callable[[T], float | None], mode: str) -> l
         return -s * v if v is not None and math.isfinite(v) else math.inf
 
     return sorted(items, key=key)
+
+
+def better(a: float | None, b: float | None, mode: str) -> bool:
+    """Whether ``a`` is strictly better than ``b`` under ``mode`` (a finite value beats a missing or non-finite one;
+    ties are not better, so the earlier one stays best)."""
+    s = sign(mode)
+    if a is None or not math.isfinite(a):
+        return False
+    return b is None or not math.isfinite(b) or s * a > s * b
+
+
+def best_of(items: Iterable[T], value: Callable[[T], float | None], mode: str) -> T | None:
+    """The best item by ``value(item)`` (the first on ties), or None when no item has a finite value."""
+    best: T | None = None
+    for item in items:
+        if better(value(item), value(best) if best is not None else None, mode):
+            best = item
+    return best

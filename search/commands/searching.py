@@ -57,7 +57,7 @@ def search_command(experiment: Path, overrides: list[str], *, address: str | Non
                                          storage_path=storage_path, out=out, resume=resume, smoke_test=smoke_test,
                                          verbose=verbose)
     tracking_uri, storage_path = node_defaults(experiment, overrides, tracking_uri, storage_path)
-    from search import preflight, tracking
+    from search import preflight, state, tracking
     from search.experiment import load_experiment
     from search.export import best_experiment, export_best
     from search.progress import summary_lines
@@ -72,7 +72,7 @@ def search_command(experiment: Path, overrides: list[str], *, address: str | Non
     preflight.check_output("--out", out)
     preflight.check_output("--out", csv)
     check_search(checked, uri, storage_root, resume)
-    preflight.SearchLock(storage_root / checked.name / preflight.LOCK_FILE).check_free(checked.name)
+    state.SearchLock(storage_root / checked.name / state.LOCK_FILE).check_free(checked.name)
     preflight.check_address(address)
     preflight.check_space_corners(checked)
     preflight.check_data(checked.run, dict(checked.search.space))

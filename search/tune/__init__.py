@@ -18,8 +18,8 @@ Ray is imported inside functions, so ``import search.tune`` stays cheap. Import 
 package's API.
 """
 
-from drcapsnet.errors import ClusterError
-from search.preflight import STATE_FILE
+from search.errors import ClusterError
+from search.state import STATE_FILE
 from search.tune.lifecycle import check_search, run_search, search_params, smoke_experiment
 from search.tune.results import SearchResult, TrialSummary
 from search.tune.runtime import init_ray, is_ray_client, run_on_head, scoped_env, tune_interrupt_watch

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from search import preflight, tracking
+from search import preflight, state, tracking
 from search.experiment import Experiment, experiment_to_dict
-from search.preflight import STATE_FILE
 from search.progress import SearchProgress
+from search.state import STATE_FILE
 from search.tune import lean, live, runtime, studies
 from search.tune.results import SearchResult, finish
 from search.tune.searcher import make_scheduler, make_searcher, trial_dirname
@@ -121,7 +121,7 @@ def _ray_and_lock(exp: Experiment, root: Path, address: str | None, verbose: int
     down for the block, and the one lock of this experiment's storage folder held (checked free before Ray starts).
     Yields what ``prepare()`` returned: it runs while a local Ray starts (seconds each: a fresh MLflow store's
     schema, the data), and after ``ray.init`` for a cluster, so a bad address leaves nothing behind."""
-    lock = preflight.SearchLock(root / exp.name / preflight.LOCK_FILE)
+    lock = state.SearchLock(root / exp.name / state.LOCK_FILE)
     lock.check_free(exp.name)
     resources = dataclasses.asdict(exp.search.resources)
     local = address is None and not os.environ.get("RAY_ADDRESS")
@@ -160,7 +160,7 @@ def _open(exp: Experiment, uri: str, root: Path, smoke_test: bool) -> _Search:
     import optuna
     import ray
 
-    study_name = preflight.study_name(exp.name)
+    study_name = state.study_name(exp.name)
     storage_url = studies.optuna_storage_url(exp, uri)
     parent_run_id = tracking.start_search_run(
         uri, exp.mlflow_experiment, run_name=study_name, params=search_params(exp),

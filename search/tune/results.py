@@ -16,9 +16,9 @@ import torch
 
 from drcapsnet.checkpoint import LAST, load_model
 from drcapsnet.config import RunConfig
-from drcapsnet.errors import SearchFailedError
 from drcapsnet.model import CapsNetClassifier
 from search import ranking, tracking
+from search.errors import SearchFailedError
 from search.experiment import Experiment
 from search.progress import format_params
 from search.space import apply_params

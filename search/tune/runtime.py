@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from drcapsnet.errors import ClusterError
+from search.errors import ClusterError
 
 # Messages a user can do nothing about in the default (live view) mode; shown again under -v.
 _QUIET_LOGGERS = {"ray._private.authentication.authentication_token_setup": "ERROR",   # a local Ray's token
