@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from search import ranking
+
 OUTCOMES: tuple[str, ...] = ("finished", "stopped_early", "failed")
 RECENT = 4                                 # trials shown under "last ended"
 
@@ -92,8 +94,7 @@ class SearchProgress:
             return
         t.epoch = int(metrics.get("epoch", t.epoch))
         value = metrics.get(self.metric)
-        finite = isinstance(value, int | float) and math.isfinite(value)
-        if finite and (t.value is None or self._better(float(value), t.value)):
+        if isinstance(value, int | float) and ranking.better(float(value), t.value, self.mode):
             t.value = float(value)
         self._refresh()
 
@@ -117,9 +118,6 @@ class SearchProgress:
 
     # ------------------------------------------------------------ what is shown
 
-    def _better(self, a: float, b: float) -> bool:
-        return a > b if self.mode == "max" else a < b
-
     def counts(self) -> dict[str, int]:
         out = {"running": 0, **{o: 0 for o in OUTCOMES}}
         for t in self.trials.values():
@@ -127,11 +125,9 @@ class SearchProgress:
         return out
 
     def best(self) -> TrialState | None:
-        scored = [t for t in self.trials.values() if t.value is not None and t.outcome != "failed"]
-        if not scored:
-            return None
-        sign = 1.0 if self.mode == "max" else -1.0
-        return max(scored, key=lambda t: (sign * (t.value or 0.0), -t.number))
+        """The best trial that has not failed (the lower number on ties), by ``search.ranking``."""
+        scored = sorted((t for t in self.trials.values() if t.outcome != "failed"), key=lambda t: t.number)
+        return ranking.best_of(scored, lambda t: t.value, self.mode)
 
     def eta_s(self) -> float | None:
         """Remaining time, from the pace so far in trial-epochs (a stopped trial costs what it ran)."""

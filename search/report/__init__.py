@@ -15,14 +15,23 @@ curves), ``model`` (the best model's figures); the page itself is written here.
 from __future__ import annotations
 
 import html
-import math
 import os
 import time
 from collections import Counter
 from pathlib import Path
 
 from search import tracking
-from search.report.data import FIGURES, REPORT_ARTIFACT, SearchData, Section, load, run_label, run_outcome, trial_params
+from search.report.data import (
+    FIGURES,
+    REPORT_ARTIFACT,
+    SearchData,
+    Section,
+    best_value,
+    load,
+    run_label,
+    run_outcome,
+    trial_params,
+)
 from search.report.model import model_sections
 from search.report.study import learning_curves, open_study, study_sections
 
@@ -45,10 +54,10 @@ def _summary(data: SearchData, uri: str) -> str:
     counts = ", ".join(f"{n} {o.replace('_', ' ')}" for o, n in outcomes.most_common())
     best = ""
     if data.best is not None:
-        sign = 1.0 if s.mode == "max" else -1.0
-        value = max((sign * v for _, v in data.histories[data.best.run_id]), default=math.nan) * sign
+        value = best_value(data.histories[data.best.run_id], s.mode)
+        shown = "-" if value is None else f"{value:.4f}"
         params = ", ".join(f"{k} = {v}" for k, v in trial_params(data.experiment, data.best).items())
-        best = (f"<p>Best trial <b>{html.escape(run_label(data.best))}</b>: {html.escape(s.metric)} = {value:.4f} "
+        best = (f"<p>Best trial <b>{html.escape(run_label(data.best))}</b>: {html.escape(s.metric)} = {shown} "
                 f"({html.escape(params)}); run <code>{data.best.run_id}</code>.</p>")
     model = data.parent.tags.get("drcaps.model_uri")
     return (f"<p>Experiment <b>{html.escape(data.experiment.mlflow_experiment)}</b>, search "

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from search import tracking
+from search import ranking, tracking
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -61,10 +61,15 @@ def load(uri: str, experiment: str, parent_run_id: str | None) -> SearchData:
     best_id = parent.tags.get("drcaps.best_run_id")
     best = next((t for t in trials if t.run_id == best_id), None)
     if best is None:
-        sign = 1.0 if exp.search.mode == "max" else -1.0
-        scored = [t for t in trials if t.status != "FAILED" and histories[t.run_id]]
-        best = max(scored, key=lambda t: max(sign * v for _, v in histories[t.run_id]), default=None)
+        scored = [t for t in trials if t.status != "FAILED"]
+        best = ranking.best_of(scored, lambda t: best_value(histories[t.run_id], exp.search.mode), exp.search.mode)
     return SearchData(exp, parent, trials, histories, best)
+
+
+def best_value(history: list[tuple[int, float]], mode: str) -> float | None:
+    """A trial's value in the one ranking (``search.ranking``): its best finite value at any epoch, or None."""
+    best = ranking.best_epoch(history, mode)
+    return None if best is None else best[1]
 
 
 def trial_params(exp: Experiment, run: tracking.RunRecord) -> dict[str, Any]:

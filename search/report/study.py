@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from search.report.data import TOP_CURVES, SearchData, Section, run_label, run_outcome, trial_params
+from search import ranking
+from search.report.data import TOP_CURVES, SearchData, Section, best_value, run_label, run_outcome, trial_params
 
 if TYPE_CHECKING:
     import optuna
@@ -64,8 +65,9 @@ def study_from_mlflow(data: SearchData) -> optuna.Study:
     distributions = to_distributions(s.space)
     for run in data.trials:
         history = data.histories[run.run_id]
-        state = states.get(run_outcome(run), optuna.trial.TrialState.FAIL) if history else optuna.trial.TrialState.FAIL
-        best = (max if s.mode == "max" else min)((v for _, v in history), default=None)
+        best = best_value(history, s.mode)
+        state = states.get(run_outcome(run), optuna.trial.TrialState.FAIL) if best is not None else \
+            optuna.trial.TrialState.FAIL
         params = trial_params(data.experiment, run)
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions={k: distributions[k] for k in params},
@@ -80,14 +82,15 @@ def counting_stopped_trials(study: optuna.Study) -> optuna.Study:
     import optuna
 
     done, stopped = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
-    best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    mode = "max" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "min"
     copy = _in_memory_study(study.direction)
     for t in study.trials:
+        value = best_value(list(t.intermediate_values.items()), mode) if t.state == stopped else None
         if t.state == done:
             copy.add_trial(t)
-        elif t.state == stopped and t.intermediate_values:
+        elif value is not None:
             copy.add_trial(optuna.trial.create_trial(
-                params=t.params, distributions=t.distributions, value=best(t.intermediate_values.values()),
+                params=t.params, distributions=t.distributions, value=value,
                 intermediate_values=t.intermediate_values, user_attrs=t.user_attrs))
     return copy
 
@@ -129,9 +132,8 @@ def learning_curves(data: SearchData) -> Section:
     import plotly.express as px
 
     s = data.experiment.search
-    sign = 1.0 if s.mode == "max" else -1.0
-    ranked = sorted((t for t in data.trials if data.histories[t.run_id]),
-                    key=lambda t: -max(sign * v for _, v in data.histories[t.run_id]))[:TOP_CURVES]
+    scored = [t for t in data.trials if best_value(data.histories[t.run_id], s.mode) is not None]
+    ranked = ranking.rank(scored, lambda t: best_value(data.histories[t.run_id], s.mode), s.mode)[:TOP_CURVES]
     rows = [{"epoch": step, s.metric: value, "trial": run_label(t), "outcome": run_outcome(t)}
             for t in ranked for step, value in data.histories[t.run_id]]
     caption = (f"{s.metric} per epoch of the {len(ranked)} best trials (MLflow metric histories). Dashed lines with "

@@ -248,3 +248,36 @@ def test_model_figures_say_why_they_are_not_drawn(searched) -> None:
                                           "reconstructions", "perturbation_grid")]
     assert all(s.figure is None and s.note.startswith("Not drawn: no trial") and s.title and s.caption
                for s in sections)
+
+
+def test_the_rebuilt_study_and_the_curves_rank_as_search_ranking_does(tmp_path: Path) -> None:
+    """Without the Optuna storage the report rebuilds the study from MLflow runs: each trial's value is its best
+    finite epoch under the search's mode (here ``min``), NaN epochs never count, and the learning curves come best
+    first; a stopped trial counts with its best epoch when fewer than 2 trials completed."""
+    import optuna
+
+    from search.report.data import SearchData
+    from search.report.study import counting_stopped_trials, learning_curves, study_from_mlflow
+
+    exp = experiment_from_dict({
+        "name": "ranked", "model": {"preset": "tiny"}, "data": {"dataset": "digits"}, "train": {"epochs": 3},
+        "search": {"metric": "val_loss", "mode": "min", "num_samples": 3,
+                   "space": {"train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True}}},
+    }, base_dir=tmp_path)
+
+    def run(run_id: str, outcome: str, lr: float) -> tracking.RunRecord:
+        return tracking.RunRecord(run_id, {"train.lr": str(lr)}, {}, {"drcaps.outcome": outcome,
+                                                                      "mlflow.runName": run_id}, "FINISHED", "")
+
+    trials = [run("a", "finished", 0.01), run("b", "stopped_early", 0.02), run("c", "finished", 0.03)]
+    histories = {"a": [(1, 0.9), (2, 0.5), (3, 0.7)], "b": [(1, 0.2), (2, math.nan)],
+                 "c": [(1, math.nan), (2, math.nan), (3, math.nan)]}
+    data = SearchData(exp, trials[0], trials, histories, None)
+    study = study_from_mlflow(data)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                               optuna.trial.TrialState.FAIL]
+    assert study.trials[0].value == 0.5                                  # the best epoch under min, not the last
+    counted = counting_stopped_trials(study)
+    assert [t.value for t in counted.trials] == [0.5, 0.2]               # b's NaN epoch ignored
+    curves = learning_curves(data).figure
+    assert [trace.name.split(",")[0] for trace in curves.data] == ["b", "a"]  # best first; c: no finite value
