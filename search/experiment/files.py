@@ -15,7 +15,7 @@ from drcapsnet.config import RunConfig
 from drcapsnet.errors import ConfigError
 from search.experiment.schema import Experiment, ParamSpec, SearchConfig
 from search.experiment.validate import experiment_from_dict, run_config_from_dict
-from search.experiment.yaml12 import YAMLError, load_yaml
+from search.experiment.yaml12 import YAMLContentError, YAMLError, load_yaml
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -31,11 +31,21 @@ def _read(path: Path, shown: str) -> Any:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{shown}: cannot read the file ({getattr(e, 'strerror', None) or e})") from None
-    if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
+    try:
+        return _parse(text, path.suffix.lower() == ".json", shown)
+    except YAMLContentError as e:           # a key given twice, aliases that expand too far
+        raise ConfigError(f"{shown}: {e}") from None
+    except RecursionError:                  # json and PyYAML parse recursively: thousands of nested [ or {
+        raise ConfigError(f"{shown}: nested too deep to read (thousands of levels, where an experiment file needs a "
+                          "few); fix the file") from None
+
+
+def _parse(text: str, is_json: bool, shown: str) -> Any:
+    if is_json or text.lstrip().startswith("{"):
         try:                    # JSON proper: YAML 1.1 would read JSON's 1e-05 as a string
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
-            if path.suffix.lower() == ".json":
+            if is_json:
                 raise ConfigError(f"{shown}: JSON syntax error: {e}") from None
     try:
         return load_yaml(text)
@@ -44,6 +54,16 @@ def _read(path: Path, shown: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         what = getattr(e, "problem", None) or " ".join(str(e).split())
         raise ConfigError(f"{shown}: YAML syntax error{where}: {what}; fix the file") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (``json`` keeps the last of a repeated key silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise YAMLContentError(f"{key}: given twice in one JSON object; keys must be unique: keep one of them")
+        out[key] = value
+    return out
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:

@@ -25,6 +25,10 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
 TOP_LEVEL: tuple[str, ...] = ("name", "model", "data", "train", "search", "tracking", "result")
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
+# A name becomes file and folder names (``<name>-smoke.best.trials.csv``, ``<name>-smoke-<date>-<time>-<hex>``: +29)
+# that must fit the filesystem's 255 bytes, and MLflow names (``<name>-capsnet-smoke``, run names) that must fit its
+# 250-character columns: 128 leaves room for every suffix.
+MAX_NAME_BYTES = 128
 
 
 def is_number(value: object) -> bool:
@@ -42,7 +46,27 @@ def name_problem(name: Any) -> Problem | None:
         return Problem("name", "required (letters, digits, '.', '_' or '-')")
     if not (isinstance(name, str) and _NAME.fullmatch(name)):
         return Problem("name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
-    return None
+    return long_name_problem("name", name)
+
+
+def long_name_problem(field: str, name: str) -> Problem | None:
+    """A name longer than MAX_NAME_BYTES (UTF-8) cannot name files and MLflow records once suffixed."""
+    size = len(name.encode("utf-8"))
+    if size <= MAX_NAME_BYTES:
+        return None
+    return Problem(field, f"{name[:20]!r}... is {size} bytes long, at most {MAX_NAME_BYTES} (it names files, folders "
+                          "and MLflow records, with suffixes such as -smoke.best.trials.csv); shorten it")
+
+
+def grace_period_problem(scheduler: SchedulerConfig, epochs: int) -> Problem | None:
+    """ASHA and the median rule never stop a trial before ``grace_period`` epochs: at or above ``train.epochs`` the
+    scheduler stops nothing, quietly. Checked on the experiment as written (``--smoke-test`` runs 1 epoch of it)."""
+    if scheduler.name == "none" or scheduler.grace_period <= 1 or scheduler.grace_period < epochs:
+        return None
+    return Problem("search.scheduler.grace_period",
+                   f"{scheduler.grace_period} is not below train.epochs ({epochs}), so {scheduler.name} would never "
+                   f"stop a trial; {f'set it below {epochs}, ' if epochs > 1 else ''}raise train.epochs, or set "
+                   "search.scheduler.name: none")
 
 
 def param_problems(type_: str, low: Any, high: Any, log: bool, step: Any, choices: Sequence[Any]) -> list[Problem]:
@@ -206,6 +230,8 @@ class TrackingConfig:
         for name in ("uri", "experiment", "registered_model"):
             value = getattr(self, name)
             need(out, value is None or bool(value), f"tracking.{name}", "must be null or a non-empty string")
+            if name != "uri" and isinstance(value, str) and (long := long_name_problem(f"tracking.{name}", value)):
+                out.append(long)
         return out
 
 

@@ -30,6 +30,7 @@ from search.experiment.schema import (
     SchedulerConfig,
     SearchConfig,
     TrackingConfig,
+    grace_period_problem,
     is_number,
     name_problem,
 )
@@ -295,6 +296,9 @@ def experiment_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_di
     sections = {s: _run_section(s, raw.get(s), base_dir, issues) for s in SECTIONS}
     search = _search(raw.get("search"), sections, issues)
     tracking = _tracking(raw.get("tracking"), issues)
+    if search is not None and sections["train"] is not None and (
+            late := grace_period_problem(search.scheduler, sections["train"].epochs)):
+        issues.append(str(late))
     result = raw.get("result")
     if result is not None and not isinstance(result, dict):
         issues.append(f"result: expected a mapping, got {type(result).__name__}")

@@ -339,3 +339,64 @@ def test_resources_must_be_whole_above_one_and_result_a_mapping() -> None:
     assert lines[0].startswith("search.resources.cpu: must be a number >= 0")
     assert lines[1].startswith("search.resources.gpu: must be a number >= 0, a fraction or a whole number, got 1.5")
     assert lines[2] == "result: expected a mapping, got list"
+
+
+# (case id, file text, substrings of the one error line): valid YAML syntax that must still be refused
+HOSTILE = [
+    ("duplicate-key-flow", "name: t\ntrain: {lr: 0.1, lr: 0.2}\n", ["train.lr: given twice", "line 2, column 9",
+                                                                      "line 2, column 18", "keep one"]),
+    ("duplicate-key-block", "name: t\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n",
+     ["train.lr: given twice", "line 3", "line 5"]),
+    ("duplicate-top-level", "name: t\nname: u\n", ["name: given twice"]),
+    ("duplicate-in-a-list", "name: t\nsearch:\n  enqueue:\n    - {train.lr: 0.1, train.lr: 0.2}\n",
+     ["search.enqueue[0].train.lr: given twice"]),
+    ("billion-laughs", "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+     ["aliases expand to more than 100,000 values", "billion laughs"]),
+    ("recursive-alias", "a: &x [1, *x]\n", ["refers to the node that contains it"]),
+    ("nested-too-deep", "[" * 5000 + "]" * 5000, ["nested too deep"]),
+    ("json-duplicate-key", '{"name": "a", "name": "b"}', ["name: given twice in one JSON object"]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [(t, e) for _, t, e in HOSTILE], ids=[c for c, _, _ in HOSTILE])
+def test_valid_yaml_that_lies_or_explodes_is_one_line_fast(tmp_path: Path, text: str, expected: list[str]) -> None:
+    import time
+
+    path = write(tmp_path, text)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    for part in expected:
+        assert part in message, (part, message)
+    assert elapsed < 3, f"{elapsed:.2f} s"          # the bomb expands to 387 million values unchecked
+
+
+def test_merge_keys_and_shared_aliases_are_not_duplicates() -> None:
+    assert load_yaml("base: &b {epochs: 2}\ntrain: {<<: *b, epochs: 3}") == {"base": {"epochs": 2},
+                                                                            "train": {"epochs": 3}}
+    assert load_yaml("t: &t {x: 1}\nr: {a: *t, b: *t}")["r"] == {"a": {"x": 1}, "b": {"x": 1}}
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (("train.epochs=2", "search.scheduler.grace_period=2"), "search.scheduler.grace_period: 2 is not below "
+                                                            "train.epochs (2), so asha would never stop a trial"),
+    (("train.epochs=3", "search.scheduler.grace_period=5", "search.scheduler.name=median"), "so median would never"),
+    (("train.epochs=1", "search.scheduler.grace_period=2"), "(1), so asha would never stop a trial; raise train"),
+    (("name=" + "n" * 129,), "name: 'nnnnnnnnnnnnnnnnnnnn'... is 129 bytes long, at most 128"),
+    (("tracking.experiment=" + "é" * 65,), "tracking.experiment: 'éééééééééééééééééééé'... is 130 bytes long"),
+    (("tracking.registered_model=" + "m" * 200,), "tracking.registered_model: "),
+])
+def test_configs_that_lie_quietly_are_refused(tmp_path: Path, overrides: tuple[str, ...], expected: str) -> None:
+    found = problems(write(tmp_path, GOOD), overrides)
+    assert len(found) == 1 and expected in found[0], found
+
+
+@pytest.mark.parametrize("overrides", [("train.epochs=1",), ("train.epochs=2", "search.scheduler.grace_period=1"),
+                                       ("train.epochs=2", "search.scheduler.grace_period=5",
+                                        "search.scheduler.name=none"), ("name=" + "n" * 128,)])
+def test_what_the_rules_still_accept(tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    load_experiment(write(tmp_path, GOOD), overrides)    # 1 epoch with grace 1: no early stopping to promise
