@@ -9,6 +9,7 @@ export that could not be written), 130 interrupted (Ctrl-C or SIGTERM). Only :cl
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import signal
 import sys
 import threading
@@ -40,17 +41,17 @@ class _Parser(argparse.ArgumentParser):
 # both the parser and run_overrides read, so a flag cannot be added to one and forgotten in the other.
 RUN_FLAGS: tuple[tuple[str, str, type, tuple[str, ...] | None, str], ...] = (
     ("--preset", "model.preset", str, None, "model preset: paper | small | tiny (default: paper, or the config's)"),
-    ("--epochs", "train.epochs", int, None, "train.epochs"),
-    ("--batch-size", "data.batch_size", int, None, "data.batch_size"),
-    ("--lr", "train.lr", float, None, "train.lr"),
-    ("--momentum", "train.momentum", float, None, "train.momentum (SGD)"),
-    ("--optimizer", "train.optimizer", str, ("sgd", "adam"), "train.optimizer"),
-    ("--seed", "train.seed", int, None, "train.seed"),
+    ("--epochs", "train.epochs", int, None, "train.epochs: passes over the training split"),
+    ("--batch-size", "data.batch_size", int, None, "data.batch_size: images per training step"),
+    ("--lr", "train.lr", float, None, "train.lr: the learning rate (default 1e-3, the paper's Adam)"),
+    ("--momentum", "train.momentum", float, None, "train.momentum: SGD's momentum (ignored by adam)"),
+    ("--optimizer", "train.optimizer", str, ("sgd", "adam"), "train.optimizer (default adam)"),
+    ("--seed", "train.seed", int, None, "train.seed: weights, shuffling and shifts (same seed, same run)"),
     ("--log-interval", "train.log_interval", int, None, "train.log_interval: batches between progress updates"),
     ("--eval-interval", "train.eval_interval", int, None, "train.eval_interval: epochs between validation passes"),
     ("--units", "model.units", int, None, "model.units: the digit-capsule dimension"),
-    ("--num-iterations", "model.routing_iterations", int, None, "model.routing_iterations"),
-    ("--routing", "model.routing", str, ("dynamic", "attention"), "model.routing"),
+    ("--num-iterations", "model.routing_iterations", int, None, "model.routing_iterations: routing passes (paper: 3)"),
+    ("--routing", "model.routing", str, ("dynamic", "attention"), "model.routing: routing by agreement or attention"),
     ("--dataset", "data.dataset", str, None, "data.dataset: digits | mnist | fashion-mnist | kmnist | cifar10 | idx"),
     ("--data-dir", "data.data_dir", str, None, "data.data_dir: torchvision root, or a folder of IDX files (idx)"),
 )
@@ -70,11 +71,79 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda", action="store_true", help="never use CUDA, even when available (train.device=cpu)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="drcaps", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+DESCRIPTION = """drcaps searches the hyperparameters of DR-CapsNet (Sabour, Frosst & Hinton 2017, "Dynamic
+Routing Between Capsules"): Ray Tune runs each trial, Optuna proposes the values, ASHA stops weak trials early, and
+MLflow records every trial and registers the best model. A search is one experiment file (YAML, see experiments/)."""
 
-    p = sub.add_parser("train", help="train one DR-CapsNet")
+EXPERIMENT_HELP = ("the experiment file (YAML): name, model, data, train, search (metric, trials, space) and tracking; "
+                   "see experiments/quickstart.yaml")
+SET_HELP = ("change one field of the experiment file by its dotted name, as in the YAML: --set train.lr=3.0e-4, "
+            "--set search.num_samples=40, --set search.space.train.lr.high=0.1 (value read as YAML; repeatable, "
+            "the last wins)")
+TRACKING_HELP = "MLflow tracking URI: a server (http://...) or sqlite:///FILE (default: sqlite:///mlflow.db here)"
+
+# The examples under each command's --help (RawDescriptionHelpFormatter keeps their lines).
+EXAMPLES: dict[str, str] = {
+    "drcaps": """a session, from an experiment file to a retrained best model:
+  drcaps validate experiments/quickstart.yaml       check the file, every problem at once
+  drcaps search experiments/quickstart.yaml         search; export the best config, write the report
+  drcaps ui                                         the search's runs in the MLflow UI
+  drcaps report quickstart                          the report of the latest quickstart search, again
+  drcaps train --config quickstart.best.yaml        retrain from the best config
+  drcaps evaluate --model-uri models:/quickstart-capsnet@best
+
+exit codes: 0 done, 2 a bad input (one 'error:' line, before any work starts), 1 a run that failed,
+130 interrupted (Ctrl-C)""",
+    "train": """examples:
+  drcaps train --preset small --dataset digits --epochs 10
+  drcaps train --config quickstart.best.yaml        the best config of a search
+  drcaps train --set train.lr=3.0e-4 --set model.routing_iterations=2
+  drcaps train --load-model m.pt --epochs 20        resume a saved model""",
+    "evaluate": """examples:
+  drcaps evaluate --model-uri models:/quickstart-capsnet@best
+  drcaps evaluate --checkpoint m.pt --dataset mnist --split val""",
+    "validate": """examples:
+  drcaps validate experiments/quickstart.yaml
+  drcaps validate experiments/quickstart.yaml --set search.sampler=random --show-samples 5""",
+    "search": """examples:
+  drcaps search experiments/quickstart.yaml
+  drcaps search experiments/quickstart.yaml --smoke-test          2 trials x 1 epoch, recorded apart
+  drcaps search experiments/quickstart.yaml --set search.num_samples=40 --set train.epochs=10
+  drcaps search experiments/quickstart.yaml --resume              continue after Ctrl-C
+  drcaps search experiments/quickstart.yaml --address ray://127.0.0.1:10001 --tracking-uri http://mlflow:5000""",
+    "export-best": """examples:
+  drcaps export-best --experiment quickstart --out best.yaml
+  drcaps export-best --experiment quickstart --out best.json --csv trials.csv""",
+    "report": """examples:
+  drcaps report quickstart                          writes quickstart.report.html here
+  drcaps report quickstart --tracking-uri http://127.0.0.1:5000 --out report.html""",
+    "ui": """examples:
+  drcaps ui                                         then open http://127.0.0.1:5000
+  drcaps ui --tracking-uri sqlite:///elsewhere/mlflow.db --port 5001""",
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("drcaps")
+    except importlib.metadata.PackageNotFoundError:     # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _command(sub: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with ``text`` and ends with its examples."""
+    return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", epilog=EXAMPLES[name],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="drcaps", description=DESCRIPTION, epilog=EXAMPLES["drcaps"],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"drcaps {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                                title="commands (each has --help)")
+
+    p = _command(sub, "train", "train one DR-CapsNet, with a progress bar and a line per epoch")
     _add_run_flags(p)
     p.add_argument("--save-model", type=Path, metavar="PATH",
                    help="write the final checkpoint here (last.pt/best.pt go to --checkpoint-dir)")
@@ -82,49 +151,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", type=Path, help="write last.pt every epoch and best.pt on improvement")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("evaluate", help="evaluate a registered model or a checkpoint on a dataset")
+    p = _command(sub, "evaluate", "the accuracy of a registered model or a checkpoint on a dataset's split")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-uri", help="an MLflow model URI, e.g. models:/quickstart-capsnet@best")
     src.add_argument("--checkpoint", type=Path, help="a checkpoint written by drcaps train or a search trial")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in this folder)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP + " (where --model-uri is registered)")
     p.add_argument("--dataset", help="dataset to evaluate on (default: the checkpoint's, else digits)")
-    p.add_argument("--data-dir", help="data.data_dir")
-    p.add_argument("--split", choices=["test", "val"], default="test")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--data-dir", help="data.data_dir: torchvision root, or a folder of IDX files")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="test: the held-out split (default); val: the split a search ranks by")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--no-cuda", action="store_true", help="never use CUDA, even when available")
 
-    p = sub.add_parser("validate", help="check an experiment file without running it")
-    p.add_argument("experiment", type=Path)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = _command(sub, "validate", "check an experiment file (every problem at once) without running it")
+    p.add_argument("experiment", type=Path, help=EXPERIMENT_HELP)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--show-samples", type=int, default=0, metavar="N", help="print the sampler's first N proposals")
 
-    p = sub.add_parser("search", help="run a hyperparameter search (Ray Tune + Optuna + MLflow)")
-    p.add_argument("experiment", type=Path)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = _command(sub, "search", "run a hyperparameter search (Ray Tune + Optuna + MLflow) with a live view")
+    p.add_argument("experiment", type=Path, help=EXPERIMENT_HELP)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--address", help="Ray cluster to join: auto | ray://host:10001 (default: start Ray here)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the experiment's, else sqlite:///mlflow.db)")
     p.add_argument("--storage-path", type=Path, help="Ray Tune results folder (default: ./drcaps-runs)")
     p.add_argument("--out", type=Path, help="where to export the best config (default: <experiment>.best.yaml here)")
-    p.add_argument("--resume", action="store_true", help="resume the interrupted search of this experiment")
-    p.add_argument("--smoke-test", action="store_true", help="2 trials x 1 epoch on at most 256 images")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted search of this experiment (same --address)")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="2 trials x 1 epoch on at most 256 images, recorded apart (experiment NAME-smoke)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="also show Ray Tune's own trial tables and the libraries' logs")
 
-    p = sub.add_parser("export-best", help="write the best trial's config (+ metrics, run id, model URI)")
+    p = _command(sub, "export-best", "write the best trial's config (+ metrics, run id, model URI)")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (the experiment file's name)")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.add_argument("--out", type=Path, required=True,
+                   help="the experiment file to write; 'drcaps train --config' and 'drcaps search' read it")
     p.add_argument("--format", choices=["yaml", "json"], help="default: from --out's suffix, else yaml")
     p.add_argument("--csv", type=Path, help="also write every trial of the search as a CSV (pandas)")
 
-    p = sub.add_parser("report", help="write the HTML report (plots, capsule diagnostics) of a search")
+    p = _command(sub, "report", "write the HTML report (plots, capsule diagnostics) of a search")
     p.add_argument("experiment", help="MLflow experiment name (the experiment file's name); its latest search")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in this folder)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--out", type=Path, help="the HTML file to write (default: <experiment>.report.html here)")
 
-    p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 over the local store")
-    p.add_argument("--tracking-uri")
-    p.add_argument("--port", type=int, default=5000)
+    p = _command(sub, "ui", "open the MLflow UI on 127.0.0.1 over the local store")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.add_argument("--port", type=int, default=5000, help="the port on 127.0.0.1 (default 5000)")
     return parser
 
 

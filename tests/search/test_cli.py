@@ -3,6 +3,7 @@ console script. A user's mistake is exit code 2 and one ``error: ...`` line nami
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import pickle
@@ -18,7 +19,7 @@ import pytest
 from drcapsnet.checkpoint import load_checkpoint
 from drcapsnet.errors import ConfigError
 from search import commands, tracking
-from search.cli import main
+from search.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
@@ -343,3 +344,52 @@ def test_search_on_head_returns_a_user_error_as_data() -> None:
                              QUICKSTART.read_text())
     assert set(outcome) == {"error"} and isinstance(outcome["error"], ConfigError)
     assert "search.num_samples" in str(pickle.loads(pickle.dumps(outcome["error"])))
+
+
+# ---------------------------------------------------------------------------------------------------- help
+
+def _help(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0 and not err, err
+    return out
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_help_is_for_users_with_an_example_per_command(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help(capsys, ["--help"])
+    for developer_word in ("_call", "RUN_FLAGS", "EXIT_CODES", "Namespace", "DrcapsError"):
+        assert developer_word not in text, developer_word
+    commands_ = _subparsers(build_parser())
+    assert set(commands_) == {"train", "evaluate", "validate", "search", "export-best", "report", "ui"}
+    for name in commands_:
+        assert name in text
+        sub = _help(capsys, [name, "--help"])
+        examples = sub.partition("examples:")[2]
+        assert f"  drcaps {name} " in examples, f"{name}: no example in its --help"
+
+
+def test_every_argument_and_flag_is_explained() -> None:
+    for name, sub in _subparsers(build_parser()).items():
+        for action in sub._actions:
+            label = "/".join(action.option_strings) or action.dest
+            words = (action.help or "").split()                  # a bare dotted name ("train.lr") explains nothing
+            assert len(words) >= 2, f"drcaps {name} {label}: no help"
+
+
+def test_search_help_explains_the_experiment_and_set(capsys: pytest.CaptureFixture[str]) -> None:
+    text = " ".join(_help(capsys, ["search", "--help"]).split())          # argparse's wrapping undone
+    assert "experiment the experiment file (YAML)" in text
+    assert "--set KEY=VALUE change one field of the experiment file by its dotted name" in text
+    assert "--set search.num_samples=40" in text
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    assert _help(capsys, ["--version"]).strip() == f"drcaps {importlib.metadata.version('drcaps')}"
