@@ -20,7 +20,7 @@ must be in its MLflow run, every trial in the Optuna study with a final state.
     python benchmarks/search_scale.py --ask                # study.ask alone at 0/500/1000 trials, untuned vs tuned
     python benchmarks/search_scale.py --tracemalloc        # what the driver keeps from 20% of the trials to the end
 
-SQLite tuning is search/sqlite_tuning.py (WAL journal, synchronous=NORMAL); ``--no-sqlite-tuning`` sets
+SQLite tuning is search/storage.py (WAL journal, synchronous=NORMAL); ``--no-sqlite-tuning`` sets
 DRCAPS_SQLITE_TUNING=0 for the driver and Ray's workers. The Tuner runs with what ``search.tune`` gives a search
 (search/tune/lean.py: no TensorBoard/CSV logger per trial, ended trials' statistics dropped) unless
 ``--tune-defaults``.
@@ -136,12 +136,12 @@ def start_postgres(folder: Path, port: int) -> str:
 
 def ask_benchmark(sizes: tuple[int, ...] = (0, 500, 1000), asks: int = 30) -> None:
     """``study.ask`` alone (drcaps' TPE, the benchmark's space) on a SQLite study already holding N finished trials
-    (1-10 intermediate values each), with SQLite's defaults and with search/sqlite_tuning.py; after each ask, 3
+    (1-10 intermediate values each), with SQLite's defaults and with search/storage.py; after each ask, 3
     intermediate values and a tell, as a search writes them (timed apart: "writes")."""
     import optuna
 
     from search.space import make_sampler
-    from search.sqlite_tuning import tuned_optuna_storage
+    from search.storage import tuned_optuna_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = {"lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True),
@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="150 trials, three times (--no-sqlite-tuning, --tune-defaults, as shipped), then --ask")
     parser.add_argument("--no-sqlite-tuning", action="store_true",
-                        help="SQLite's defaults (DRCAPS_SQLITE_TUNING=0), not search/sqlite_tuning.py")
+                        help="SQLite's defaults (DRCAPS_SQLITE_TUNING=0), not search/storage.py's tuning")
     parser.add_argument("--tune-defaults", action="store_true",
                         help="Tune's automatic loggers and per-trial statistics, not search/tune/lean.py's")
     parser.add_argument("--ask", action="store_true", help="only the study.ask microbenchmark")
@@ -256,7 +256,7 @@ def main() -> None:
         ask_benchmark()
         return
     if args.no_sqlite_tuning:
-        os.environ["DRCAPS_SQLITE_TUNING"] = "0"            # read by search/sqlite_tuning.py; Ray's workers inherit it
+        os.environ["DRCAPS_SQLITE_TUNING"] = "0"            # read by search/storage.py; Ray's workers inherit it
 
     import ray  # noqa: I001 (first: it puts its vendored psutil on sys.path)
     import psutil

@@ -1,72 +1,51 @@
-"""The Optuna side of a search: where its study lives (an RDB storage: SQLite beside a local MLflow store, or the
-cluster's PostgreSQL), its tables created safely, and its trials kept in step with Ray's (a resumed search hands
-back what a killed driver had asked for; a finished one leaves no trial RUNNING or WAITING).
+"""The Optuna study kept in step with Ray's trials: a resumed search hands back what a killed driver had asked for,
+a finished one leaves no trial RUNNING or WAITING. Optuna's public API only (the storage's own trial ids come from
+``get_trial_id_from_study_id_trial_number``). Where the study lives and how it is opened: search/storage.py.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from search import ranking
-from search.experiment import Experiment
-from search.sqlite_tuning import tuned_optuna_storage
-from search.tune.searcher import TRIAL_NUMBER
-from search.tune.trial import FAILURE_KEY
+from search.storage import OPTUNA_STORAGE_ENV, create_optuna_schema, optuna_storage_url, tuned_optuna_storage
+from search.tune.searcher import FAILURE_KEY, TRIAL_NUMBER
 
-OPTUNA_STORAGE_ENV = "DRCAPS_OPTUNA_STORAGE"   # the Optuna storage URL as the driver's machine sees it
-
-
-def optuna_storage_url(exp: Experiment, tracking_uri: str) -> str:
-    """The experiment's ``search.storage``, else ``$DRCAPS_OPTUNA_STORAGE`` (this machine's), else SQLite next to
-    a local MLflow store, else ./optuna.db."""
-    if exp.search.storage:
-        return exp.search.storage
-    if os.environ.get(OPTUNA_STORAGE_ENV):              # the machine's own (docker-compose.yml sets it)
-        return os.environ[OPTUNA_STORAGE_ENV]
-    if tracking_uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
-    return f"sqlite:///{Path.cwd() / 'optuna.db'}"
-
-
-def create_optuna_schema(storage_url: str) -> None:
-    """Create a SQLite Optuna storage's tables under an exclusive lock on its folder: two searches started at once
-    in a fresh folder would otherwise race in SQLAlchemy's create_all ("table ... already exists")."""
-    if not storage_url.startswith("sqlite:///"):
-        return
-    import fcntl
-
-
-    folder = Path(storage_url.removeprefix("sqlite:///").partition("?")[0]).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        tuned_optuna_storage(storage_url)        # a fresh file starts in WAL mode (search/sqlite_tuning.py)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+__all__ = ["OPTUNA_STORAGE_ENV", "close_study", "create_optuna_schema", "optuna_storage_url", "reconcile_study",
+           "release_orphans"]   # the storage's three names: search/storage.py's, here until lifecycle.py imports them
 
 
 def reconcile_study(storage_url: str, study_name: str, exp_dir: Path) -> None:
     """Before a resume: an Optuna trial the killed driver had asked for but Ray never saved (a SIGKILL between the
-    two) is RUNNING in the study with no Ray trial. Hand it back as WAITING: the resumed search's next ask() takes
-    it again, with its params, so the study ends with exactly num_samples trials and no duplicate proposal."""
-    import optuna
+    two) is RUNNING in the study with no Ray trial. Hand it back (``release_orphans``): the resumed search's next
+    ask() takes it again, with its params, so the study ends with exactly num_samples trials and no duplicate
+    proposal. What Ray saved is its experiment state (the trials it will re-run), read here."""
     from ray import tune
 
     try:
         known = {int(t.config[TRIAL_NUMBER]) for t in tune.ExperimentAnalysis(str(exp_dir)).trials
                  if TRIAL_NUMBER in (t.config or {})}
-        storage = tuned_optuna_storage(storage_url)
-        study_id = storage.get_study_id_from_name(study_name)
-        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if trial.number not in known:
-                storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.WAITING)
+        release_orphans(storage_url, study_name, known)
     except Exception as e:                       # never let bookkeeping stop a resume; say what was left
         warnings.warn(f"resume: could not reconcile Optuna study {study_name!r} with Ray's state: {e}", stacklevel=2)
+
+
+def release_orphans(storage_url: str, study_name: str, known: set[int]) -> list[int]:
+    """Set WAITING every RUNNING trial of the study whose number is not in ``known`` (the trials Ray holds), so
+    the next ``ask()`` takes it again with the params it has. Returns their numbers."""
+    import optuna
+
+    storage = tuned_optuna_storage(storage_url)
+    study_id = storage.get_study_id_from_name(study_name)
+    released = []
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.number not in known:
+            storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                           optuna.trial.TrialState.WAITING)
+            released.append(trial.number)
+    return released
 
 
 def close_study(storage_url: str, study_name: str, results: Any, metric: str, mode: str) -> None:
@@ -77,6 +56,7 @@ def close_study(storage_url: str, study_name: str, results: Any, metric: str, mo
     try:
         storage = tuned_optuna_storage(storage_url)
         study = optuna.load_study(study_name=study_name, storage=storage)
+        study_id = storage.get_study_id_from_name(study_name)
     except Exception as e:
         warnings.warn(f"could not open Optuna study {study_name!r} to close it: {e}", stacklevel=2)
         return
@@ -95,7 +75,8 @@ def close_study(storage_url: str, study_name: str, results: Any, metric: str, mo
             continue                             # an enqueued point the search never reached: not a trial yet
         try:
             if trial.state == optuna.trial.TrialState.WAITING:   # tell() takes RUNNING trials only
-                storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.RUNNING)
+                storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                               optuna.trial.TrialState.RUNNING)
             if trial.number in best:
                 study.tell(trial.number, best[trial.number])
             else:

@@ -1,8 +1,10 @@
-"""search/sqlite_tuning.py: the search's SQLite stores end up in WAL mode with synchronous=NORMAL, and nothing is lost
-or changed on the way (real Optuna RDB storage, real MLflow SQLite store, drcaps' own searcher; no Ray cluster)."""
+"""search/storage.py: the search's SQLite stores end up in WAL mode with synchronous=NORMAL, and nothing is lost or
+changed on the way (real Optuna RDB storage, real MLflow SQLite store, drcaps' own searcher; no Ray cluster); where
+the study lives."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import sqlite3
@@ -12,7 +14,7 @@ import optuna
 import pytest
 from sqlalchemy import text
 
-from search import sqlite_tuning, tracking
+from search import storage, tracking
 from search.experiment import experiment_from_dict
 from search.tune import TRIAL_NUMBER, make_searcher
 
@@ -52,10 +54,8 @@ def test_the_searchers_study_is_in_wal_mode_and_every_value_round_trips(tmp_path
         searcher.on_trial_complete(trial_id, {"val_acc": curve[-1], "epoch": len(curve)})
 
     assert _journal_mode(db) == "wal"
-    assert _synchronous(searcher._ot_study._storage._backend.engine) == NORMAL
-    # The driver keeps nothing per trial once it has ended (issue 9, driver memory).
-    assert not searcher._ot_trials and not searcher._best and not searcher._steps
-    assert searcher._completed_trials == set(curves)
+    assert _synchronous(searcher.storage.engine) == NORMAL
+    assert searcher.running == {}    # the driver keeps nothing per trial once it has ended (issue 9, driver memory)
 
     # Read back through a plain storage (another process would see the same): values, states, curves, attributes.
     trials = optuna.load_study(study_name="wal", storage=f"sqlite:///{db}").get_trials()
@@ -68,12 +68,12 @@ def test_the_searchers_study_is_in_wal_mode_and_every_value_round_trips(tmp_path
     assert [t.user_attrs["mlflow_run_id"] for t in trials] == ["run-t0", "run-t1", "run-t2"]
 
 
-def test_a_restored_storage_is_tuned_again(tmp_path: Path) -> None:
-    """Tune pickles the searcher (its storage included) and unpickles it on --resume: a new engine, tuned too."""
-    storage = sqlite_tuning.tuned_optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
-    restored = pickle.loads(pickle.dumps(storage))
-    assert type(restored) is type(storage)
-    assert restored.engine is not storage.engine and _synchronous(restored.engine) == NORMAL
+def test_a_restored_searcher_opens_its_storage_tuned_again(tmp_path: Path) -> None:
+    """Tune pickles the searcher and unpickles it on --resume: it holds the URL, and opens a new engine, tuned too."""
+    searcher = make_searcher(_experiment(tmp_path), "wal", f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher.suggest("t0")
+    restored = pickle.loads(pickle.dumps(searcher))
+    assert restored.storage.engine is not searcher.storage.engine and _synchronous(restored.storage.engine) == NORMAL
 
 
 def test_the_mlflow_store_is_in_wal_mode_and_metrics_round_trip(tmp_path: Path) -> None:
@@ -92,18 +92,36 @@ def test_the_mlflow_store_is_in_wal_mode_and_metrics_round_trip(tmp_path: Path) 
 
 
 def test_drcaps_sqlite_tuning_0_leaves_sqlites_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(sqlite_tuning.DISABLE_ENV, "0")
-    storage = sqlite_tuning.tuned_optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
-    optuna.create_study(study_name="plain", storage=storage).optimize(lambda t: t.suggest_float("x", 0, 1), 2)
+    monkeypatch.setenv(storage.DISABLE_ENV, "0")
+    rdb = storage.tuned_optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(study_name="plain", storage=rdb).optimize(lambda t: t.suggest_float("x", 0, 1), 2)
     assert _journal_mode(tmp_path / "optuna.db") == "delete"
-    assert _synchronous(storage.engine) == 2                       # FULL
+    assert _synchronous(rdb.engine) == 2                           # FULL
 
 
 def test_every_optuna_storage_drcaps_opens_is_tuned(tmp_path: Path) -> None:
-    """The schema created before a search (search/tune/studies.py) already puts a fresh file in WAL mode, as the
-    searcher's storage does: one way to open the study's storage."""
-    from search.tune.studies import create_optuna_schema
-
+    """The schema created before a search already puts a fresh file in WAL mode, as the searcher's storage does:
+    one way to open the study's storage."""
     db = tmp_path / "optuna.db"
-    create_optuna_schema(f"sqlite:///{db}")
+    storage.create_optuna_schema(f"sqlite:///{db}")
     assert _journal_mode(db) == "wal"
+
+
+@pytest.mark.parametrize("search_storage, env, tracking_uri, expected", [
+    ("postgresql://h/db", "sqlite:////env/optuna.db", "sqlite:////m/mlflow.db", "postgresql://h/db"),
+    (None, "sqlite:////env/optuna.db", "sqlite:////m/mlflow.db", "sqlite:////env/optuna.db"),
+    (None, None, "sqlite:////m/mlflow.db", "sqlite:////m/optuna.db"),
+    (None, None, "http://mlflow:5000", "sqlite:///{cwd}/optuna.db"),
+])
+def test_the_study_lives_where_the_experiment_then_the_machine_then_mlflow_say(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, search_storage: str | None, env: str | None,
+        tracking_uri: str, expected: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    if env is None:
+        monkeypatch.delenv(storage.OPTUNA_STORAGE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(storage.OPTUNA_STORAGE_ENV, env)
+    exp = _experiment(tmp_path)
+    if search_storage:
+        exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, storage=search_storage))
+    assert storage.optuna_storage_url(exp, tracking_uri) == expected.format(cwd=tmp_path)
