@@ -100,6 +100,8 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
             return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
         if name == "gp":
             return optuna.samplers.GPSampler(seed=seed)
+        if name == "nsga2":                            # several objectives; Optuna's population of 50: a search of
+            return optuna.samplers.NSGAIISampler(seed=seed)   # fewer trials than that never leaves its first generation
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)   # unscrambled Sobol ignores the seed
 
 

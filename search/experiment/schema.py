@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 from drcapsnet.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from drcapsnet.errors import Problem, need, raise_problems
+from search.experiment.objectives import measured_costs, objective_pairs, objective_problems
 
 METRICS: tuple[str, ...] = ("val_acc", "val_loss", "train_loss", "test_acc", "test_loss", "images_per_s", "epoch_s")
-SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp", "qmc")
+SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp", "qmc", "nsga2")
 SCHEDULERS: tuple[str, ...] = ("asha", "median", "none")
 PARAM_TYPES: tuple[str, ...] = ("float", "int", "categorical")
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -176,10 +177,14 @@ class SearchConfig:
 
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
+    # Several objectives (search/experiment/objectives.py): [{metric, mode}, ...]; metric/mode are then the first's.
+    objectives: tuple[dict[str, Any], ...] = ()
+    constraints: dict[str, dict[str, float]] = field(default_factory=dict)   # {metric: {max: V} and/or {min: V}}
+    pick: str | dict[str, Any] = "knee"    # the pick from the front: knee | {maximize|minimize: M, subject_to: ...}
     num_samples: int = 8
     max_concurrent: int = 2
     seed: int = 0
-    sampler: Literal["tpe", "random", "cmaes", "gp", "qmc"] = "tpe"
+    sampler: Literal["tpe", "random", "cmaes", "gp", "qmc", "nsga2"] = "tpe"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     time_budget_s: float | None = None
@@ -191,11 +196,13 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "enqueue", tuple(dict(point) for point in self.enqueue))
+        object.__setattr__(self, "objectives", tuple(dict(o) if isinstance(o, dict) else o for o in self.objectives))
         raise_problems(self.problems())
 
     def problems(self) -> list[Problem]:
         out: list[Problem] = []
-        need(out, self.metric in METRICS, "search.metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        need(out, bool(self.objectives) or self.metric in METRICS,      # with objectives: objective_problems
+             "search.metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
         need(out, self.mode in ("max", "min"), "search.mode", f"must be one of max, min, got {self.mode!r}")
         for name in ("num_samples", "max_concurrent", "keep_checkpoints"):
             value = getattr(self, name)
@@ -204,6 +211,8 @@ class SearchConfig:
         need(out, isinstance(self.seed, int), "search.seed", f"must be an integer, got {self.seed!r}")
         need(out, self.sampler in SAMPLERS,
              "search.sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        out += objective_problems(self.objectives, self.constraints, self.pick, metric=self.metric, mode=self.mode,
+                                  sampler=self.sampler, scheduler=self.scheduler.name)
         need(out, self.time_budget_s is None or (is_number(self.time_budget_s) and self.time_budget_s > 0),
              "search.time_budget_s", f"must be null or a number > 0, got {self.time_budget_s!r}")
         need(out, isinstance(self.max_failures, int) and self.max_failures >= -1,
@@ -212,6 +221,20 @@ class SearchConfig:
         need(out, bool(self.space), "search.space", "required, at least one parameter, "
              "e.g. train.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}")
         return out
+
+    @property
+    def objective_pairs(self) -> tuple[tuple[str, str], ...]:
+        """``(metric, mode)`` of each objective: ``objectives``, or the one ``metric``/``mode``."""
+        return objective_pairs(self.objectives, self.metric, self.mode)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective_pairs) > 1
+
+    @property
+    def measured_costs(self) -> tuple[str, ...]:
+        """The cost metrics (params, flops, latency_ms, train_s_per_epoch) a trial must measure for this search."""
+        return measured_costs(self.objectives, self.constraints, self.pick)
 
 
 @dataclass(frozen=True)

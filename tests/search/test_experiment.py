@@ -99,7 +99,7 @@ search:
         "train.optimizer: must be one of sgd, adam, got 'adamw'",
         "train.momentum: must be a number in [0, 1), got 1.5",
         "search.metric: must be one of val_acc",
-        "search.sampler: must be one of tpe, random, cmaes, gp, qmc, got 'bayes'",
+        "search.sampler: must be one of tpe, random, cmaes, gp, qmc, nsga2, got 'bayes'",
         "search.space.train.lrr: not a config field (did you mean 'train.lr'?)",
     ]
     for prefix in expected:

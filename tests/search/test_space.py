@@ -105,5 +105,5 @@ def test_each_sampler_name_builds(name: str) -> None:
 
 
 def test_unknown_sampler_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="must be one of tpe, random, cmaes, gp, qmc, got 'bayes'"):
+    with pytest.raises(ValueError, match="must be one of tpe, random, cmaes, gp, qmc, nsga2, got 'bayes'"):
         make_sampler("bayes", seed=0)
