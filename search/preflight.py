@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drcapsnet.errors import ConfigError, UsageError
+from search import stores
 from search.errors import ClusterError
 from search.state import STATE_FILE
 
@@ -32,26 +33,14 @@ SHAPE_FIELDS = ("in_channels", "image_size", "num_classes")   # model fields the
 
 
 def writable_folder_problem(path: Path) -> str | None:
-    """Why files cannot be created under the folder ``path`` (made on demand), or None. Creates nothing."""
-    if path.exists():
-        if not path.is_dir():
-            return f"{path} is a file, not a folder"
-        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is a file, not a folder"
-    return None if os.access(parent, os.W_OK | os.X_OK) else f"{parent} is not writable"
+    """Why files cannot be created under the folder ``path`` (made on demand), or None. Asks the filesystem (a
+    temporary file created and removed in the nearest existing folder); creates nothing that stays."""
+    return stores.folder_problem(path)
 
 
 def writable_file_problem(path: Path) -> str | None:
-    """Why the file ``path`` cannot be written (created or replaced), or None. Creates nothing."""
-    if path.is_dir():
-        return f"{path} is a folder"
-    if path.exists() and not os.access(path, os.W_OK):
-        return f"{path} is not writable"
-    return writable_folder_problem(path.parent)
+    """Why the file ``path`` cannot be written (created or replaced), or None. Creates nothing that stays."""
+    return stores.file_problem(path)
 
 
 def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
@@ -126,16 +115,27 @@ def check_metric_every_epoch(metric: str, epochs: int, eval_interval: int, space
 
 
 def check_optuna_storage(url: str) -> None:
-    """The Optuna storage must be an RDB URL with a scheme SQLAlchemy knows; a SQLite file must be writable."""
+    """The Optuna storage must be an RDB URL with a scheme SQLAlchemy knows. A SQLite file must be writable, a
+    database if it exists, and its filesystem roomy enough (search/stores.py); a server's driver must be installed
+    and the server listening (a few seconds at most; the password is masked in the message)."""
     scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
     if scheme not in OPTUNA_SCHEMES:
         raise ConfigError(f"search.storage: {url!r} is not an Optuna RDB URL; use sqlite:///<abs path>/optuna.db "
                           f"or one of {', '.join(s + '://' for s in OPTUNA_SCHEMES[1:])}")
-    if scheme == "sqlite":
-        path = Path(url.removeprefix("sqlite:///").partition("?")[0])
-        if problem := (writable_file_problem(path) if path.is_absolute() else "not an absolute path"):
-            raise ConfigError(f"search.storage: cannot write the Optuna study to {url}: {problem}; set "
-                              "search.storage to sqlite:///<writable folder>/optuna.db")
+    if scheme != "sqlite":
+        if problem := stores.server_problem(url):      # driver installed, server listening; password masked
+            raise ConfigError(f"search.storage: {problem}")
+        return
+    path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+    if problem := (writable_file_problem(path) if path.is_absolute() else "not an absolute path"):
+        raise ConfigError(f"search.storage: cannot write the Optuna study to {url}: {problem}; set "
+                          "search.storage to sqlite:///<writable folder>/optuna.db")
+    if problem := stores.sqlite_problem(path):
+        raise ConfigError(f"search.storage: the Optuna storage {problem}; move it aside (mv {path} {path}.bad) or "
+                          "set search.storage to sqlite:///<another file>")
+    if problem := stores.space_problem(path.parent):
+        raise ConfigError(f"search.storage: {problem}; free some space, or put the storage elsewhere "
+                          "(search.storage: sqlite:///<folder on another filesystem>/optuna.db)")
 
 
 # HTTP/2's client connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5): a gRPC server (Ray's GCS
@@ -203,6 +203,9 @@ def check_storage(storage_root: Path, experiment: str, resume: bool) -> None:
     if problem := writable_folder_problem(storage_root):
         raise UsageError(f"--storage-path: cannot write Ray's results to {storage_root}: {problem}; pass a "
                          "writable folder")
+    if problem := stores.space_problem(storage_root):
+        raise UsageError(f"--storage-path: {problem}; free some space, or pass a --storage-path on another "
+                         "filesystem")
     state = storage_root / experiment / STATE_FILE
     if resume and not state.is_file():
         raise ClusterError(f"--resume: no interrupted search of '{experiment}' in {storage_root / experiment}; "

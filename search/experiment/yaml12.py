@@ -17,6 +17,7 @@ from drcapsnet.errors import ConfigError
 
 YAMLError = yaml.YAMLError
 MAX_EXPANDED_NODES = 100_000   # values a file may expand to through its aliases; an experiment file has hundreds
+MAX_DEPTH = 100                # nesting levels; an experiment file has at most 5
 
 
 class YAMLContentError(ConfigError):
@@ -88,9 +89,24 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> i
     return total
 
 
+def _check_depth(text: str) -> None:
+    """PyYAML composes recursively (thousands of nested ``[`` take seconds, then exhaust the stack); its parser does
+    not: walk the events first and refuse more than MAX_DEPTH levels."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Yaml12Loader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise YAMLContentError(f"line {event.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep "
+                                       "(an experiment file needs a few); fix the file")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+
+
 def load_yaml(text: str) -> Any:
     """YAML text -> Python, safely, with YAML 1.2 floats (``1e-3`` is a float). Raises ``YAMLError`` for bad syntax
     and :class:`YAMLContentError` for a key given twice or aliases that expand past MAX_EXPANDED_NODES values."""
+    _check_depth(text)
     loader = _Yaml12Loader(text)
     try:
         node = loader.get_single_node()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from drcapsnet.errors import TrackingError
+from search import stores
 from search.sqlite_tuning import tune_engine
 from search.tracking.uri import DEFAULT_ARTIFACTS, sqlite_path
 
@@ -51,9 +52,30 @@ def mlflow_client(uri: str) -> MlflowClient:
     """The ``MlflowClient`` of ``uri`` (tracking and registry), one per URI per process."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except Exception as e:                            # MLflow opens (and migrates) a SQL store here
+        if problem := _store_problem(e):
+            raise TrackingError(f"tracking.uri: the MLflow store {stores.masked(uri)} {problem}") from None
+        raise
     _tune_sqlite(client)
     return client
+
+
+# What SQLite says, and what it means for the user (the up-front checks catch these first: search/stores.py).
+_STORE_FAULTS = {
+    "file is not a database": "is not a readable database (file is not a database); move it aside or point "
+                              "--tracking-uri elsewhere",
+    "database disk image is malformed": "is corrupt (database disk image is malformed); move it aside or point "
+                                        "--tracking-uri elsewhere",
+    "database or disk is full": "cannot be written: its filesystem is full (database or disk is full); free some "
+                                "space, or point --tracking-uri at another filesystem",
+}
+
+
+def _store_problem(error: BaseException) -> str | None:
+    text = str(error).lower()
+    return next((what for key, what in _STORE_FAULTS.items() if key in text), None)
 
 
 def _tune_sqlite(client: MlflowClient) -> None:

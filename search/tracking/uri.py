@@ -7,17 +7,17 @@ Ray Client check. Writes nothing; MLflow is imported only by ``check_names``.
 
 from __future__ import annotations
 
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from drcapsnet.errors import TrackingError
-from search.preflight import writable_folder_problem
+from search import stores
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+RDB_SCHEMES = ("postgresql", "mysql", "mssql")      # MLflow's SQLAlchemy stores on a database server
 _HINT = "start the server (mlflow server --host 127.0.0.1 --port 5000) or pass --tracking-uri sqlite:///mlflow.db"
 
 
@@ -76,19 +76,18 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def sqlite_file_problem(path: Path) -> str | None:
-    """Why a SQLite database cannot be created or written at ``path``, or None. Creates nothing."""
+    """Why a SQLite database cannot be created or written at ``path`` (the file, and its folder, where SQLite
+    writes its -wal and -shm files), or None. Asks the filesystem; creates nothing that stays."""
     if path.is_dir():
         return f"{path} is a folder, not a database file"
-    if path.exists():
-        return None if os.access(path, os.R_OK | os.W_OK) and os.access(path.parent, os.W_OK) \
-            else f"{path} is not writable"
-    return writable_folder_problem(path.parent)
+    return stores.file_problem(path)
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+def check_tracking_uri(uri: str, timeout_s: float = 5.0, *, writing: bool = True) -> None:
     """Fail fast, before any work and without writing anything: an http(s) server must answer ``/health``; a
-    SQLite file must be absolute and creatable (or writable); MLflow's file store (refused by default in 3.x) and
-    schemes MLflow has no store for are rejected with the fix."""
+    SQLite file must be absolute and creatable (or writable), a database if it exists and (``writing``) on a
+    filesystem with room for a search; a database server needs its driver and must listen (password masked);
+    MLflow's file store (refused by default in 3.x) and schemes MLflow has no store for are rejected with the fix."""
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
@@ -108,17 +107,25 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         if problem := sqlite_file_problem(path):
             raise TrackingError(f"tracking.uri: cannot write the MLflow store {uri}: {problem}; pass "
                                 "--tracking-uri sqlite:///<writable folder>/mlflow.db")
+        if problem := stores.sqlite_problem(path):
+            raise TrackingError(f"tracking.uri: the MLflow store {problem}; move it aside (mv {path} {path}.bad) "
+                                "or pass --tracking-uri sqlite:///<another file>")
+        if writing and (problem := stores.space_problem(path.parent)):
+            raise TrackingError(f"tracking.uri: {problem}; free some space, or pass --tracking-uri "
+                                "sqlite:///<folder on another filesystem>/mlflow.db")
     elif uri.startswith("file:") or "://" not in uri and uri not in ("databricks", "databricks-uc"):
         raise TrackingError(f"tracking.uri: {uri} is an MLflow file store, which MLflow 3.x refuses by default; "
                             f"use sqlite:///<abs path>/{DEFAULT_DB} or an http(s) server")
-    elif uri.split("://", 1)[0].split("+", 1)[0].lower() not in SCHEMES:
-        raise TrackingError(f"tracking.uri: unknown scheme in {uri!r}; use sqlite:///<abs path>/{DEFAULT_DB}, "
-                            f"http(s)://host:port or one of {', '.join(SCHEMES)}")
+    elif (scheme := uri.split("://", 1)[0].split("+", 1)[0].lower()) not in SCHEMES:
+        raise TrackingError(f"tracking.uri: unknown scheme in {stores.masked(uri)!r}; use sqlite:///<abs path>/"
+                            f"{DEFAULT_DB}, http(s)://host:port or one of {', '.join(SCHEMES)}")
+    elif scheme in RDB_SCHEMES and (problem := stores.server_problem(uri)):
+        raise TrackingError(f"tracking.uri: {problem}")
 
 
 def check_store_exists(uri: str) -> None:
     """For read-only commands: a SQLite store must already exist (reading must never create an empty one)."""
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, writing=False)
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
         raise TrackingError(f"--tracking-uri: no MLflow store at {path}; run 'drcaps search' there first, or pass "
