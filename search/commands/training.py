@@ -44,11 +44,51 @@ def _epoch_line(epochs: int) -> Callable[[dict[str, float]], None]:
     return report
 
 
-def _refuse_resume(checkpoint: Path, conflicts: ResumeConflicts) -> None:
+def _preset_asked(overrides: list[str]) -> str | None:
+    """The model preset the command line asks for (``--preset`` or ``--set model.preset=``), if any."""
+    asked = [text.partition("=")[2].strip() for text in overrides if text.partition("=")[0].strip() == "model.preset"]
+    return asked[-1] if asked else None
+
+
+# Fields a resume cannot change, and what of the checkpoint fixes them: the data the model was trained and validated
+# on (another split makes its best epoch incomparable), and what drcapsnet.train restores from the checkpoint (the
+# optimizer's and the lr scheduler's state carry lr, momentum, weight decay and decay; the RNG state replaces the seed).
+RESUME_FIXED = {**dict.fromkeys(("data.dataset", "data.limit_train", "data.val_fraction", "data.test_fraction",
+                                 "data.split_seed"), "its training data and split"),
+                **dict.fromkeys(("train.optimizer", "train.lr", "train.momentum", "train.weight_decay",
+                                 "train.lr_decay"), "its optimizer state"),
+                "train.seed": "its random state"}
+
+
+def _differences(state: dict[str, Any], run: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(dotted field, checkpoint's value, run's value)`` for every data and train field the run changes."""
+    from drcapsnet.config import RunConfig
+
+    saved = RunConfig.from_dict(state["config"])
+    return [(f"{section}.{f.name}", getattr(getattr(saved, section), f.name), getattr(getattr(run, section), f.name))
+            for section in ("data", "train") for f in dataclasses.fields(getattr(saved, section))
+            if getattr(getattr(saved, section), f.name) != getattr(getattr(run, section), f.name)]
+
+
+def _resume_note(checkpoint: Path, state: dict[str, Any], run: RunConfig) -> str:
+    """What a resume keeps and what it changes, in one line; a change of RESUME_FIXED is refused instead."""
+    changes = _differences(state, run)
+    for field, old, new in changes:
+        if field in RESUME_FIXED:
+            raise ConfigError(f"{field}: {new!r}, but {checkpoint} holds {old!r} ({RESUME_FIXED[field]}), which a "
+                              f"resume continues; leave it out or set it to {old!r}, or train a new model without "
+                              "--load-model")
+    shown = ", ".join(f"{field} {old!r} -> {new!r}" for field, old, new in changes)
+    return (f"resuming {checkpoint} at epoch {int(state['epoch'])}: its model, data split, optimizer and random "
+            "state kept" + (f"; changed: {shown}" if shown else ""))
+
+
+def _refuse_resume(checkpoint: Path, conflicts: ResumeConflicts, preset: str | None = None) -> None:
     """The conflicts of ``--load-model`` with the run, as the one error a person reads (the model's first)."""
     if conflicts.model_changes:
         changed = [f"{c.field}={c.run!r} (checkpoint: {c.checkpoint!r})" for c in conflicts.model_changes]
-        raise ConfigError(f"--load-model: {checkpoint} holds another model: {', '.join(changed)}; "
+        flag = f"--preset {preset}" if preset else "--load-model"
+        raise ConfigError(f"{flag}: {checkpoint} holds another model: {', '.join(changed)}; "
                           "drop the flags that change the model, or train a new one without --load-model")
     if conflicts.finished_epoch is not None:
         raise ConfigError(f"--epochs: {checkpoint} already holds {conflicts.finished_epoch} epochs; "
@@ -69,13 +109,17 @@ def train_command(config: Path | None, overrides: list[str], *, save_model: Path
     check_output("--checkpoint-dir", checkpoint_dir, folder=True)
     state = load_checkpoint(load_model) if load_model is not None else None
     if state is not None and config is None:     # resume: the checkpoint's config, then the flags
-        run = run_config_from_dict(state["config"], source=str(load_model), overrides=overrides)
+        saved = state["config"]
+        if _preset_asked(overrides):             # the preset typed defines the model, not the checkpoint's fields
+            saved = {**saved, "model": {}}
+        run = run_config_from_dict(saved, source=str(load_model), overrides=overrides)
     else:
         run = load_run_config(config, overrides)
     run = _fit_model_to_dataset(run)
     resolve_device(run.train.device)
     if state is not None and load_model is not None:
-        _refuse_resume(load_model, resume_conflicts(state, run))
+        _refuse_resume(load_model, resume_conflicts(state, run), _preset_asked(overrides))
+        print(_resume_note(load_model, state, run))
     datasets = load_datasets(run.data)
     check_compatible(run.model, datasets)
     print(f"training {run.model.routing} routing x{run.model.routing_iterations}, units {run.model.units} on "

@@ -49,6 +49,23 @@ def http_port() -> Iterator[int]:
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     class Quiet(SimpleHTTPRequestHandler):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model after 1 epoch on 100 digits (adam, lr 0.001), saved as ``drcaps train --save-model`` does."""
+    from drcapsnet.checkpoint import LAST
+    from drcapsnet.config import DataConfig, TrainConfig, model_preset
+    from drcapsnet.train import train
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    train(model_preset("tiny"), DataConfig(limit_train=100, batch_size=50),
+          TrainConfig(epochs=1, device="cpu", num_threads=1), report=lambda m: None, checkpoint_dir=folder)
+    return str(folder / LAST)
+
+
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
         def log_message(self, format: str, *args: object) -> None:   # not on the test's stderr
             pass
 
@@ -60,7 +77,9 @@ def http_port() -> Iterator[int]:
 
 
 @pytest.fixture()
-def files(tmp_path: Path, store: str, http_port: int) -> dict[str, str]:
+    (d / "bomb.yaml").write_text(BOMB)
+    (d / "dup.yaml").write_text(EXPERIMENT.replace("train: {epochs: 2,", "train: {epochs: 2, epochs: 3,"))
+def files(tmp_path: Path, store: str, http_port: int, checkpoint: str) -> dict[str, str]:
     """Inputs outside the working folder: a good experiment, a bad YAML, an empty file, a plain file, a folder."""
     d = tmp_path / "inputs"
     d.mkdir()
@@ -72,7 +91,8 @@ def files(tmp_path: Path, store: str, http_port: int) -> dict[str, str]:
     (d / "folder").mkdir()
     return {"exp": str(d / "exp.yaml"), "bad": str(d / "bad.yaml"), "empty": str(d / "empty.yaml"),
             "binary": str(d / "binary.yaml"), "file": str(d / "afile"), "dir": str(d / "folder"),
-            "port": str(_closed_port()), "http": str(http_port), "store": store}
+            "port": str(_closed_port()), "http": str(http_port), "store": store, "ckpt": checkpoint,
+            "bomb": str(d / "bomb.yaml"), "dup": str(d / "dup.yaml"), "long": "n" * 200}
 
 
 # (case id, argv with {placeholders} from `files`, substrings the error line must hold)
@@ -149,6 +169,31 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["--model-uri", "nope"]),
     ("evaluate-unknown-version", ["evaluate", "--model-uri", "models:/x/7", "--tracking-uri", "{store}"],
      ["--model-uri"]),
+    # issue 21: configs that lie quietly, hostile files, names too long, flags that contradict a checkpoint
+    ("duplicate-key", ["search", "{dup}"], ["train.epochs: given twice", "line 4", "keep one"]),
+    ("validate-duplicate-key", ["validate", "{dup}"], ["dup.yaml", "train.epochs: given twice"]),
+    ("validate-billion-laughs", ["validate", "{bomb}"], ["bomb.yaml", "aliases expand to more than"]),
+    ("asha-grace-at-epochs", ["search", "{exp}", "--set", "search.scheduler.grace_period=2"],
+     ["search.scheduler.grace_period: 2 is not below train.epochs (2)", "asha would never stop a trial"]),
+    ("median-grace-above-epochs", ["search", "{exp}", "--set", "search.scheduler.name=median",
+                                   "--set", "search.scheduler.grace_period=3"], ["median would never stop"]),
+    ("name-too-long", ["search", "{exp}", "--set", "name={long}"], ["name: 'nnnn", "200 bytes long, at most 128"]),
+    ("tracking-experiment-too-long", ["search", "{exp}", "--set", "tracking.experiment={long}"],
+     ["tracking.experiment", "at most 128"]),
+    ("registered-model-too-long", ["validate", "{exp}", "--set", "tracking.registered_model={long}"],
+     ["tracking.registered_model", "at most 128"]),
+    ("train-preset-contradicts-checkpoint", ["train", "--preset", "small", "--load-model", "{ckpt}", "--epochs", "2"],
+     ["--preset small", "model.conv_channels=64 (checkpoint: 16)", "without --load-model"]),
+    ("train-units-contradict-checkpoint", ["train", "--units", "16", "--load-model", "{ckpt}", "--epochs", "2"],
+     ["model.units=16 (checkpoint: 8)"]),
+    ("train-dataset-contradicts-checkpoint", ["train", "--dataset", "mnist", "--load-model", "{ckpt}",
+                                              "--epochs", "2"], ["data.dataset: 'mnist'", "holds 'digits'"]),
+    ("train-limit-contradicts-checkpoint", ["train", "--set", "data.limit_train=50", "--load-model", "{ckpt}",
+                                            "--epochs", "2"], ["data.limit_train: 50", "holds 100"]),
+    ("train-lr-contradicts-checkpoint", ["train", "--lr", "0.5", "--load-model", "{ckpt}", "--epochs", "2"],
+     ["train.lr: 0.5", "holds 0.001 (its optimizer state)", "set it to 0.001"]),
+    ("train-optimizer-contradicts-checkpoint", ["train", "--optimizer", "sgd", "--load-model", "{ckpt}",
+                                                "--epochs", "2"], ["train.optimizer: 'sgd'", "'adam'"]),
     ("export-best-no-search", ["export-best", "--experiment", "x", "--tracking-uri", "{store}", "--out",
                                "{dir}/b.yaml"], ["'x'"]),
     ("search-empty-tracking-uri", ["search", "{exp}", "--tracking-uri", ""], ["--tracking-uri", "empty"]),
