@@ -23,8 +23,8 @@ from pathlib import Path
 from drcapsnet.errors import UsageError
 
 MIN_FREE_ENV = "DRCAPS_MIN_FREE_MB"
-# What a search writes before its first trial ends: the MLflow schema (~2 MiB, migrated in place), the Optuna schema,
-# Ray's trial folders and the first checkpoints (the paper's network: 33 MiB each, two per trial while it runs).
+# A floor, not a search's size: the MLflow schema (0.9 MiB, measured; migrated in place), the Optuna schema, Ray's
+# trial folders and the first checkpoints (the paper's network: 31 MiB of fp32 weights, more with Adam's state).
 DEFAULT_MIN_FREE_MB = 100
 SQLITE_HEADER = b"SQLite format 3\x00"
 DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}
