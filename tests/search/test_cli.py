@@ -62,14 +62,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     return Trained(model, code, out.getvalue())
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An existing (empty) MLflow SQLite store."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    tracking.ensure_experiment(uri, "x")
-    return uri
-
-
 # ---------------------------------------------------------------------------------------------------- train
 
 def test_train_prints_an_epoch_summary_and_saves_the_checkpoint(trained: Trained) -> None:

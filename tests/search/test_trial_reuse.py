@@ -1,6 +1,7 @@
 """The per-trial fixed-cost cuts (issue 9) change nothing a trial computes or records.
 
-One real search (embedded Ray, Optuna, MLflow SQLite) of 4 tiny trials, one at a time, ASHA stopping the weak ones:
+The session's real search (tests/conftest.py: embedded Ray, Optuna, MLflow SQLite) of 4 tiny trials, one at a time,
+ASHA stopping the weak ones:
 with ``reuse_actors`` the later trials run in the first trial's worker, and with the data shared through Ray's
 object store no trial loads it. Each trial's per-epoch metrics must equal a plain in-process ``train`` of the same
 config on freshly loaded data; each trial, stopped early or not, uploads one weights-only best checkpoint.
@@ -19,32 +20,11 @@ from drcapsnet.config import DataConfig, TrainConfig, model_preset
 from drcapsnet.data import load_datasets
 from drcapsnet.train import train
 from search import tracking
-from search.experiment import experiment_from_dict
 from search.space import apply_params
-from search.tune import SearchResult, same_data, shared_datasets
-from tests.searches import search_once
+from search.tune import same_data, shared_datasets
+from tests.conftest import E2E_SPACE, E2E_TRIALS, e2e_experiment
 
-SPACE = {"train.lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True},
-         "model.routing_iterations": {"type": "int", "low": 1, "high": 3}}
 COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "best_val_acc")
-
-
-def _experiment(tmp: Path, **search: object):
-    return experiment_from_dict({
-        "name": "reuse", "model": {"preset": "tiny"},
-        "data": {"dataset": "digits", "batch_size": 32, "limit_train": 200},
-        "train": {"epochs": 3, "device": "cpu", "optimizer": "adam"},
-        "search": {"num_samples": 4, "max_concurrent": 1, "seed": 3, "resources": {"cpu": 1},
-                   "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2.0}, "space": SPACE,
-                   **search},
-        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "reuse"},
-    }, base_dir=tmp)
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path]:
-    tmp = tmp_path_factory.mktemp("reuse")
-    return search_once(_experiment(tmp), tmp), tmp
 
 
 @pytest.mark.slow
@@ -52,7 +32,7 @@ def test_reused_actors_and_shared_data_give_the_metrics_of_a_plain_training(sear
     result, _ = searched
     uri = result.tracking_uri
     runs = {r.tags["drcaps.trial_id"]: r for r in tracking.child_runs(uri, result.parent_run_id)}
-    assert len(runs) == 4
+    assert len(runs) == E2E_TRIALS
     assert max(r.metrics["perf_worker_trials"] for r in runs.values()) > 1      # an actor did run several trials
     fresh = load_datasets(result.experiment.run.data)
     for trial in result.trials:
@@ -114,8 +94,8 @@ def test_shared_data_only_when_the_search_does_not_change_what_is_loaded(tmp_pat
     a = DataConfig(dataset="digits", batch_size=32, limit_train=100)
     assert same_data(a, dataclasses.replace(a, batch_size=64, shift_pixels=0))
     assert not same_data(a, dataclasses.replace(a, limit_train=50))
-    assert shared_datasets(_experiment(tmp_path)) is not None
-    limited = _experiment(tmp_path, space={**SPACE, "data.limit_train": {"type": "int", "low": 50, "high": 100}})
+    assert shared_datasets(e2e_experiment(tmp_path)) is not None
+    limited = e2e_experiment(tmp_path, space={**E2E_SPACE, "data.limit_train": {"type": "int", "low": 50, "high": 100}})
     assert shared_datasets(limited) is None
 
 
@@ -127,7 +107,7 @@ def test_tune_keeps_only_what_drcaps_reads_back(searched) -> None:
 
     result, tmp = searched
     results = sorted((tmp / "ray").rglob("result.json"))
-    assert len(results) == len(result.trials) == 4
+    assert len(results) == len(result.trials) == E2E_TRIALS
     for path in results:
         assert not (path.parent / "progress.csv").exists()
         assert not list(path.parent.glob("events.out.tfevents*"))
@@ -135,7 +115,7 @@ def test_tune_keeps_only_what_drcaps_reads_back(searched) -> None:
     assert epochs == sum(t.epochs for t in result.trials)
     [state] = list((tmp / "ray").rglob("experiment_state-*.json"))
     trials = tune.ExperimentAnalysis(str(state.parent)).trials
-    assert len(trials) == 4
+    assert len(trials) == E2E_TRIALS
     for trial in trials:
         assert trial.status == "TERMINATED"
         assert trial.last_result["epoch"] >= 1                   # what Tune reads back is still there
