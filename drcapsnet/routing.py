@@ -41,16 +41,19 @@ def dynamic_routing(u_hat: Tensor, num_iterations: int, *, detach: bool = True) 
     if num_iterations < 1:
         raise ValueError(f"model.routing_iterations: must be >= 1, got {num_iterations}")
     u_hat_routing = u_hat.detach() if detach else u_hat                       # (B, N_in, N_out, D_out)
-    b = u_hat.new_zeros(u_hat.shape[:3])                                       # (B, N_in, N_out) logits
+    batch, n_in, n_out, _ = u_hat.shape
+    # Logits parent-major: PyTorch's CPU softmax over a last axis of N_out = 10 ran 15-19x slower than over this
+    # middle axis (vectorised along N_in); votes + routing, forward + backward, ran 1.6-2x faster so (measured).
+    b = u_hat.new_zeros(batch, n_out, n_in)                                    # (B, N_out, N_in) logits
     for i in range(num_iterations):
         last = i == num_iterations - 1
         votes = u_hat if last else u_hat_routing
-        c = b.softmax(dim=2)                                                   # (B, N_in, N_out) sums to 1 over parents
-        s = torch.einsum("bij,bijd->bjd", c, votes)                            # (B, N_out, D_out)
+        c = b.softmax(dim=1)                                                   # (B, N_out, N_in) sums to 1 over parents
+        s = torch.einsum("bji,bijd->bjd", c, votes)                            # (B, N_out, D_out)
         v = squash(s)                                                          # (B, N_out, D_out)
         if not last:
-            b = b + torch.einsum("bijd,bjd->bij", votes, v)                    # (B, N_in, N_out) agreement
-    return v, c
+            b = b + torch.einsum("bijd,bjd->bji", votes, v)                    # (B, N_out, N_in) agreement
+    return v, c.transpose(1, 2)                                                # c as (B, N_in, N_out)
 
 
 def attention_routing(
