@@ -181,7 +181,7 @@ class TrainConfig:
     lr_decay: float = 0.96               # exponential decay per epoch; 1 = none
     seed: int = 0
     device: DeviceName = "auto"          # auto = CUDA when available
-    bf16: bool = True                    # bf16 autocast on CUDA; ignored on CPU
+    bf16: bool = True                    # bf16 autocast on CUDA and on CPUs with native bf16 (drcapsnet/precision.py)
     compile: bool = False                # torch.compile the training forward (train.compile_for_training)
     num_threads: int | None = None       # torch CPU threads; the search sets it to the trial's CPUs
     log_interval: int = 10               # batches between progress-bar updates of the running loss

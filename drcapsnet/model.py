@@ -18,6 +18,11 @@ from torch import Tensor, nn
 from drcapsnet.config import ModelConfig
 from drcapsnet.routing import attention_routing, dynamic_routing, squash
 
+# Under CPU bf16 autocast, squash and route in fp32: the primary capsules and the votes leave their conv and bmm in
+# bf16 and are widened once, so both squashes, the coupling softmax and the agreement sums keep fp32 accuracy
+# (docs/benchmarks.md, "bf16 on the CPU"). benchmarks/bf16_accuracy.py turns it off to measure bf16 routing.
+FP32_ROUTING_ON_CPU = True
+
 
 class CapsNetOutput(NamedTuple):
     lengths: Tensor                  # (B, K) class-capsule lengths: the class probabilities of the paper
@@ -43,6 +48,8 @@ class PrimaryCaps(nn.Module):
         b, _, g, _ = out.shape
         out = out.view(b, self.types, self.dim, g, g)               # (B, types, D_in, G, G)
         out = out.permute(0, 1, 3, 4, 2).reshape(b, -1, self.dim)   # (B, N_in, D_in), N_in = types*G*G
+        if FP32_ROUTING_ON_CPU and out.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            out = out.float()                                       # squash in fp32 (bf16 out of the conv)
         return squash(out)
 
 
@@ -64,7 +71,14 @@ class DigitCaps(nn.Module):
         return u_hat.view(n_in, b, self.cfg.num_classes, self.cfg.units).transpose(0, 1)  # (B, N_in, N_out, D_out)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        u_hat = self.votes(u)                                       # (B, N_in, K, D_out)
+        u_hat = self.votes(u)                                       # (B, N_in, K, D_out), bf16 under autocast
+        if FP32_ROUTING_ON_CPU and u_hat.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.route(u_hat.float())                    # (B, K, D_out), (B, N_in, K) in fp32
+        return self.route(u_hat)
+
+    def route(self, u_hat: Tensor) -> tuple[Tensor, Tensor]:
+        """The routing of ``cfg.routing`` over the votes ``u_hat (B, N_in, K, D_out)``."""
         if self.cfg.routing == "attention":
             return attention_routing(u_hat, self.cfg.routing_iterations, prior=self.prior)
         return dynamic_routing(u_hat, self.cfg.routing_iterations, detach=self.cfg.detach_routing)

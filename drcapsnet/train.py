@@ -7,7 +7,6 @@ This module never imports ray, optuna or mlflow.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from drcapsnet.data import Datasets, Split, iterate_batches, load_datasets, num_
 from drcapsnet.errors import ConfigError, DivergedError
 from drcapsnet.losses import capsnet_loss
 from drcapsnet.model import CapsNet
+from drcapsnet.precision import Precision, resolve_precision
 
 Report = Callable[[dict[str, float]], None]
 _RESUME_ONLY = ("optimizer", "scheduler", "rng")   # in last.pt, not in best.pt
@@ -51,12 +51,6 @@ def check_compatible(model_cfg: ModelConfig, data: Datasets) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module:
     """``torch.compile`` of a model's training forward (``train.compile``; its backward is compiled with it).
 
@@ -75,16 +69,18 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 @torch.no_grad()
 def evaluate(model: CapsNet, split: Split, batch_size: int, *, device: torch.device, bf16: bool = True,
-             reconstruction_weight: float | None = None) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` of ``model`` on ``split``; the decoder is masked by the longest capsule."""
+             reconstruction_weight: float | None = None, precision: Precision | None = None) -> tuple[float, float]:
+    """``(mean loss, accuracy)`` of ``model`` on ``split``; the decoder is masked by the longest capsule.
+    ``bf16``: as ``train.bf16`` (bf16 autocast where the device has it natively); ``precision`` overrides it."""
+    precision = precision or resolve_precision(device, bf16)
     was_training = model.training
     model.eval()
     weight = model.cfg.reconstruction_weight if reconstruction_weight is None else reconstruction_weight
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in iterate_batches(split, batch_size, shuffle=False, device=device):
-        with _autocast(device, bf16):
-            out = model(x)
+        with precision.autocast():
+            out = model(precision.images(x))
         total_loss += capsnet_loss(out.lengths.float(), out.reconstruction, x, y, weight) * len(y)
         correct += (out.lengths.argmax(dim=1) == y).sum()
     model.train(was_training)
@@ -107,7 +103,8 @@ def _progress(batches: Iterator[Any], total: int, epoch: int, enabled: bool) -> 
 
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, report: Report | None = None, *,
           checkpoint_dir: str | Path | None = None, resume: str | Path | None = None,
-          datasets: Datasets | None = None, progress: bool = False) -> dict[str, float]:
+          datasets: Datasets | None = None, progress: bool = False,
+          precision: Precision | None = None) -> dict[str, float]:
     """Train one DR-CapsNet; call ``report(metrics)`` once per epoch; return the last epoch's metrics.
 
     Metrics: ``epoch``, ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc`` (on evaluation epochs), ``lr``,
@@ -117,6 +114,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     optimizer, scheduler or RNG state) whenever ``val_acc`` improves.
     ``resume`` (a checkpoint file or folder) continues from its epoch and gives the same weights as a run that was
     never interrupted. ``datasets`` skips loading (tests and benchmarks pass them in).
+    Precision: ``train.bf16`` through :func:`drcapsnet.precision.resolve_precision` (bf16 autocast on CUDA and on
+    CPUs with native bf16, with channels-last there; fp32 elsewhere, the reason logged once); ``precision``
+    overrides it (benchmarks compare the variants). Checkpoints record the one used (``"precision"``).
     """
     run = RunConfig(model_cfg, data_cfg, train_cfg)
     if train_cfg.num_threads is not None:
@@ -125,8 +125,12 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
     data = (datasets if datasets is not None else load_datasets(data_cfg)).to(device)
     check_compatible(model_cfg, data)
 
+    precision = precision or resolve_precision(device, train_cfg.bf16)
+
     torch.manual_seed(train_cfg.seed)
     model = CapsNet(model_cfg).to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)             # 4-D weights only; same values
     optimizer = _optimizer(model, train_cfg)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=train_cfg.lr_decay)
     start_epoch, best_val_acc, best_epoch = 0, -math.inf, 0
@@ -158,8 +162,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
             forward = compiled if compiled is not None and len(y) == data_cfg.batch_size else model
             if forward is compiled and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()           # a new training step: graphs may be reused
-            with _autocast(device, train_cfg.bf16):
-                out = forward(x, y)                                  # decoder masked by the true label
+            with precision.autocast():                               # weights and loss stay fp32
+                out = forward(precision.images(x), y)                # decoder masked by the true label
             loss = capsnet_loss(out.lengths.float(), out.reconstruction, x, y, model_cfg.reconstruction_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,7 +184,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
         scheduler.step()
 
         if epoch % train_cfg.eval_interval == 0 or epoch == train_cfg.epochs:
-            val_loss, val_acc = evaluate(model, data.val, data_cfg.batch_size, device=device, bf16=train_cfg.bf16)
+            val_loss, val_acc = evaluate(model, data.val, data_cfg.batch_size, device=device, precision=precision)
             if not math.isfinite(val_loss):                       # the last step's weights are NaN/inf already
                 raise DivergedError(epoch, f"val_loss is {val_loss}")
             metrics.update(val_loss=val_loss, val_acc=val_acc)
@@ -190,7 +194,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
         else:
             improved = False
         if epoch == train_cfg.epochs:
-            test_loss, test_acc = evaluate(model, data.test, data_cfg.batch_size, device=device, bf16=train_cfg.bf16)
+            test_loss, test_acc = evaluate(model, data.test, data_cfg.batch_size, device=device, precision=precision)
             metrics.update(test_loss=test_loss, test_acc=test_acc)
         metrics.update(best_val_acc=max(best_val_acc, 0.0), best_epoch=best_epoch,
                        epoch_s=time.perf_counter() - t0)
@@ -199,6 +203,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_acc": best_val_acc,
                      "best_epoch": best_epoch, "metrics": dict(metrics), "config": run.to_dict(),
+                     "precision": precision.name,
                      "rng": {"torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
             save_checkpoint(state, ckpt_dir / LAST)
