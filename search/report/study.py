@@ -15,27 +15,41 @@ if TYPE_CHECKING:
     import optuna
     import plotly.graph_objects as go
 
+STORAGE_TAG = "drcaps.optuna_storage"      # on the parent run: the study's storage URL, any password masked as ***
+
+
 def open_study(data: SearchData, uri: str) -> tuple[optuna.Study, str]:
     """The search's Optuna study from its storage (``drcaps.study_name`` on the parent run), else the same study
     rebuilt in memory from the MLflow trial runs. Returns the study and where it came from."""
     import optuna
 
-    from search.tune import optuna_storage_url
+    from search.stores import masked
 
     name = data.parent.tags.get("drcaps.study_name", "")
-    storage = data.parent.tags.get("drcaps.optuna_storage") or optuna_storage_url(data.experiment, uri)
-    reason = f"no study {name!r} in {storage}"
+    storage = storage_url(data, uri)
+    shown = masked(storage)                            # the report and the terminal never show a password
+    reason = f"no study {name!r} in {shown}"
     db = storage.removeprefix("sqlite:///") if storage.startswith("sqlite:///") else None
     if name and (db is None or Path(db).exists()):     # RDBStorage would create an empty SQLite file
         try:
             study = optuna.load_study(study_name=name, storage=storage)
             if study.trials:
-                return study, f"Optuna study {name!r} in {storage}"
+                return study, f"Optuna study {name!r} in {shown}"
         except (KeyError, ValueError, ImportError, RuntimeError) as e:
-            reason = f"cannot open study {name!r} in {storage}: {e}"
+            reason = f"cannot open study {name!r} in {shown}: {e}"
         except Exception as e:                             # sqlalchemy errors: a missing table, a server down
-            reason = f"cannot open study {name!r} in {storage}: {type(e).__name__}: {e}"
-    return study_from_mlflow(data), f"rebuilt from the MLflow trial runs ({reason})"
+            reason = f"cannot open study {name!r} in {shown}: {type(e).__name__}"
+    return study_from_mlflow(data), f"rebuilt from the MLflow trial runs ({reason.replace(storage, shown)})"
+
+
+def storage_url(data: SearchData, uri: str) -> str:
+    """The search's Optuna storage: the ``drcaps.optuna_storage`` tag of its parent run when it holds a usable URL
+    (a password in it is masked as ``***``), else derived from the search's resolved experiment as the search
+    derived it (``search.storage``, ``$DRCAPS_OPTUNA_STORAGE``, SQLite beside a local MLflow store)."""
+    from search.storage import optuna_storage_url
+
+    tagged = data.parent.tags.get(STORAGE_TAG, "")
+    return tagged if tagged and "***" not in tagged else optuna_storage_url(data.experiment, uri)
 
 
 def _in_memory_study(direction: str | optuna.study.StudyDirection) -> optuna.Study:

@@ -1,5 +1,6 @@
-"""search.report end to end: a real small search (local Ray, Optuna in SQLite, MLflow in SQLite), then its report,
-read back from the HTML file exactly as the page draws it (each figure's JSON, images decoded)."""
+"""search.report end to end: the session's real small search (tests/conftest.py: local Ray, Optuna in SQLite, MLflow
+in SQLite), then its report, read back from the HTML file exactly as the page draws it (each figure's JSON, images
+decoded)."""
 
 from __future__ import annotations
 
@@ -18,30 +19,9 @@ from search.cli import main
 from search.experiment import experiment_from_dict
 from search.report import FIGURES, REPORT_ARTIFACT, report_search
 from search.tune import SearchResult
-from tests.searches import search_once
+from tests.conftest import E2E_EPOCHS, E2E_SPACE
 
 TILE = 28 + 2                       # an MNIST-sized image and make_grid's padding
-
-
-def _experiment(tmp: Path) -> Any:
-    raw = {
-        "name": "e2e-report",
-        "model": {"preset": "tiny", "units": 16},          # the paper's 16-dimensional class capsules
-        "data": {"dataset": "digits", "batch_size": 32, "limit_train": 400, "shift_pixels": 0},
-        "train": {"epochs": 2, "device": "cpu", "optimizer": "adam"},
-        "search": {"num_samples": 5, "max_concurrent": 2, "seed": 3, "resources": {"cpu": 1},
-                   "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
-                   "space": {"model.routing_iterations": {"type": "int", "low": 2, "high": 3},
-                             "train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}},
-        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "e2e-report"},
-    }
-    return experiment_from_dict(raw, base_dir=tmp)
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path]:
-    tmp = tmp_path_factory.mktemp("report")
-    return search_once(_experiment(tmp), tmp), tmp
 
 
 class _Figures(HTMLParser):
@@ -96,10 +76,11 @@ def _image(trace: dict[str, Any]) -> Any:
 
 @pytest.fixture(scope="module")
 def report(searched: tuple[SearchResult, Path]) -> tuple[_Figures, str, Path]:
-    """``drcaps report e2e-report`` through the CLI, read back."""
+    """``drcaps report e2e`` through the CLI, read back."""
     result, tmp = searched
     out = tmp / "report.html"
-    assert main(["report", "e2e-report", "--tracking-uri", result.tracking_uri, "--out", str(out)]) == 0
+    assert main(["report", result.experiment.mlflow_experiment, "--tracking-uri", result.tracking_uri,
+                 "--out", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
     parsed = _Figures()
     parsed.feed(text)
@@ -136,9 +117,9 @@ def test_study_figures_cover_every_trial_and_searched_parameter(report, searched
     shown = sorted(float(v) for t in history if t.get("mode") == "markers" for v in _values(t["y"]))
     assert shown == sorted(t.value for t in completed)
     axes = parsed.figures["parallel_coordinates"]["layout"]["xaxis"]["ticktext"]   # Optuna's lines over axes
-    assert len(axes) == 3 and "train.lr" in axes and any(a.startswith("model.routing") for a in axes)
+    assert len(axes) == 1 + len(E2E_SPACE) and "train.lr" in axes and any(a.startswith("model.routing") for a in axes)
     importances = parsed.figures["param_importances"]["data"][0]
-    assert sorted(_values(importances["y"])) == ["model.routing_iterations", "train.lr"]
+    assert sorted(_values(importances["y"])) == sorted(E2E_SPACE)
 
 
 @pytest.mark.slow
@@ -147,7 +128,7 @@ def test_learning_curves_follow_mlflow_and_mark_stopped_trials(report, searched)
     result, _ = searched
     traces = parsed.figures["learning_curves"]["data"]
     runs = tracking.child_runs(result.tracking_uri, result.parent_run_id)
-    assert len(traces) == len(runs)                          # 5 trials: all within the top 10
+    assert len(traces) == len(runs)                          # 4 trials: all within the top 10
     by_epochs = {}
     for run in runs:
         history = tracking.metric_history(result.tracking_uri, run.run_id, "val_acc")
@@ -155,7 +136,7 @@ def test_learning_curves_follow_mlflow_and_mark_stopped_trials(report, searched)
     for trace in traces:
         ys = [float(v) for v in _values(trace["y"])]
         assert ys in by_epochs[len(ys)]                      # the trial's MLflow history, epoch by epoch
-        stopped = len(ys) < 2
+        stopped = len(ys) < E2E_EPOCHS
         assert (trace["line"]["dash"] != "solid") == stopped, trace["name"]
         assert (trace["marker"]["symbol"] != "circle") == stopped, trace["name"]
 
@@ -187,21 +168,23 @@ def test_model_figures_describe_the_best_model_on_the_test_split(report, searche
 
 
 @pytest.mark.slow
-def test_reconstructions_and_perturbation_grid_are_tiled_images(report):
+def test_reconstructions_and_perturbation_grid_are_tiled_images(report, searched):
     import numpy as np
 
     parsed, _, _ = report
+    units = searched[0].best_config.model.units                               # the class capsules' dimensions
     rec = _image(parsed.figures["reconstructions"]["data"][0])
     assert (rec.width, rec.height) == (10 * TILE + 2, 2 * TILE + 2)          # 10 inputs over 10 reconstructions
     grid = _image(parsed.figures["perturbation_grid"]["data"][0])
-    assert (grid.width, grid.height) == (11 * TILE + 2, 16 * TILE + 2)       # 16 dimensions x 11 steps
+    assert (grid.width, grid.height) == (11 * TILE + 2, units * TILE + 2)    # a row per dimension x 11 steps
     assert len(np.unique(np.asarray(grid))) > 2                               # decoded strokes, not a blank page
 
 
 @pytest.mark.slow
 def test_report_search_logs_the_report_to_the_parent_run(searched, tmp_path):
     result, _ = searched
-    path = report_search(result.tracking_uri, "e2e-report", result.parent_run_id, tmp_path / "report.html")
+    path = report_search(result.tracking_uri, result.experiment.mlflow_experiment, result.parent_run_id,
+                         tmp_path / "report.html")
     got = tracking.download_artifacts(result.tracking_uri, result.parent_run_id, f"{REPORT_ARTIFACT}/report.html",
                                       tmp_path / "downloaded")
     assert got.read_bytes() == path.read_bytes()
@@ -281,3 +264,37 @@ def test_the_rebuilt_study_and_the_curves_rank_as_search_ranking_does(tmp_path: 
     assert [t.value for t in counted.trials] == [0.5, 0.2]               # b's NaN epoch ignored
     curves = learning_curves(data).figure
     assert [trace.name.split(",")[0] for trace in curves.data] == ["b", "a"]  # best first; c: no finite value
+
+
+def test_the_study_is_opened_from_the_tagged_storage_and_no_password_is_shown(tmp_path: Path) -> None:
+    """The parent run's ``drcaps.optuna_storage`` tag is where the study is, unless its password was masked (***):
+    then the storage is derived from the search's experiment, as the search derived it. Neither the report's
+    notes nor the reason a study could not be opened show a password."""
+    import optuna
+
+    from search.report.data import SearchData
+    from search.report.study import open_study
+
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere' / 'optuna.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    study = optuna.create_study(study_name="s", storage=elsewhere)
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+
+    def search_data(tag: str, storage: str | None) -> SearchData:
+        exp = experiment_from_dict({
+            "name": "stored", "model": {"preset": "tiny"}, "data": {"dataset": "digits"}, "train": {"epochs": 2},
+            "search": {"num_samples": 1, "storage": storage,
+                       "space": {"train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True}}},
+        }, base_dir=tmp_path)
+        parent = tracking.RunRecord("p", {}, {}, {"drcaps.study_name": "s", "drcaps.optuna_storage": tag},
+                                    "FINISHED", "")
+        return SearchData(exp, parent, [], {}, None)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    opened, source = open_study(search_data(elsewhere, None), uri)
+    assert [t.value for t in opened.trials] == [0.5] and source == f"Optuna study 's' in {elsewhere}"
+
+    secret = "postgresql://drcaps:s3cret@127.0.0.1:1/optuna"              # nothing listens on port 1
+    rebuilt, source = open_study(search_data("postgresql://drcaps:***@127.0.0.1:1/optuna", secret), uri)
+    assert rebuilt.trials == [] and source.startswith("rebuilt from the MLflow trial runs (cannot open study 's'")
+    assert "127.0.0.1:1/optuna" in source and "s3cret" not in source   # the experiment's URL, password hidden

@@ -24,7 +24,6 @@ from search.experiment import experiment_from_dict, load_experiment
 from search.export import export_from_tracking
 from search.space import apply_params
 from search.tune import ClusterError, SearchResult, init_ray, make_searcher, tune_interrupt_watch
-from tests.searches import search_once
 
 SPACE = {
     "model.routing_iterations": {"type": "int", "low": 1, "high": 3},
@@ -48,9 +47,11 @@ def _experiment(tmp: Path, **search: object) -> object:
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path]:
-    tmp = tmp_path_factory.mktemp("search")
-    return search_once(_experiment(tmp), tmp), tmp
+def searched(searched: tuple[SearchResult, Path]) -> tuple[SearchResult, Path]:
+    """The session's one real search (tests/conftest.py): this module's experiment, one trial at a time."""
+    result, tmp = searched
+    assert result.experiment == _experiment(tmp, max_concurrent=1), "tests/conftest.py's search is not e2e's"
+    return searched
 
 
 @pytest.mark.slow
