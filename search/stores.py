@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from drcapsnet.errors import UsageError
 
@@ -157,4 +158,26 @@ def server_problem(url: str, timeout_s: float = 3.0) -> str | None:
                "psycopg": f"write postgresql+psycopg2://... and {CLUSTER_EXTRA} (psycopg2)"}.get(
                    module, f"install it, or use PostgreSQL: postgresql+psycopg2://... and {CLUSTER_EXTRA}")
         return f"{shown} needs the Python driver {module!r}, which is not installed; {fix}"
+    return _login_problem(parsed, shown, timeout_s)
+
+
+def _login_problem(parsed: Any, shown: str, timeout_s: float) -> str | None:
+    """Log in once with the driver's own connect timeout (PostgreSQL, MySQL): a server that accepts TCP but never
+    answers, a wrong password or a missing database is one line here, not a hang or a traceback in the search."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    if parsed.get_backend_name() not in ("postgresql", "mysql", "mariadb"):
+        return None
+    engine = create_engine(parsed, poolclass=NullPool, connect_args={"connect_timeout": max(1, round(timeout_s))})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as e:                             # the driver's OperationalError, wrapped by SQLAlchemy
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()
+        said = (reason[0] if reason else type(e).__name__).replace(parsed.password or "\0", "***")
+        return (f"the database server of {shown} does not let drcaps in within {timeout_s:g} s ({said}); check that "
+                "it runs there and the user, password and database name")
+    finally:
+        engine.dispose()
     return None

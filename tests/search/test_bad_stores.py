@@ -70,7 +70,7 @@ def listening_port() -> Iterator[int]:
     """Something that accepts TCP connections (and is not a database server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        s.listen(16)
+        s.listen(128)                   # never accepts: connections wait in the backlog until they give up
         yield s.getsockname()[1]
 
 
@@ -153,6 +153,16 @@ DRIVERLESS = [
 NO_PSYCOPG2 = pytest.mark.skipif(importlib.util.find_spec("psycopg2") is not None,
                                  reason="psycopg2 is installed here (the cluster extra): no driver to miss")
 
+WITH_DRIVER = [
+    ("tracking-postgres-silent", ["search", "{exp}", "--tracking-uri", _pg("{open}")],
+     ["tracking.uri", "does not let drcaps in within 3 s", "timeout expired", "drcaps:***@"]),
+    ("optuna-postgres-silent", ["search", "{exp}", "--set", f"search.storage={_pg('{open}')}"],
+     ["search.storage", "does not let drcaps in"]),
+    ("report-postgres-silent", ["report", "x", "--tracking-uri", _pg("{open}")], ["does not let drcaps in"]),
+]
+WITH_PSYCOPG2 = pytest.mark.skipif(importlib.util.find_spec("psycopg2") is None,
+                                   reason="psycopg2 is not installed (pip install 'drcaps[cluster]')")
+
 ON_MOUNTS = [
     ("storage-path-read-only", ["search", "{exp}", "--storage-path", "{ro}/runs"],
      ["--storage-path", "Read-only file system", "{ro}"]),
@@ -218,6 +228,15 @@ def test_a_database_server_without_its_driver_is_one_line(argv: list[str], expec
                                                          files: dict[str, str], cwd: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     _run(argv, expected, files, cwd, capsys)
+
+
+@WITH_PSYCOPG2
+@pytest.mark.parametrize(("argv", "expected"), [(a, e) for _, a, e in WITH_DRIVER],
+                         ids=[c for c, _, _ in WITH_DRIVER])
+def test_a_database_server_that_never_answers_is_one_line(argv: list[str], expected: list[str],
+                                                          files: dict[str, str], cwd: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    _run(argv, expected, files, cwd, capsys)     # the driver's connect_timeout: ~3 s, not a hang
 
 
 @pytest.mark.parametrize(("argv", "expected"), [(a, e) for _, a, e in ON_MOUNTS], ids=[c for c, _, _ in ON_MOUNTS])
