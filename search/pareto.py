@@ -203,7 +203,10 @@ def feasible(metrics: Mapping[str, Any], constraints: Constraints) -> bool:
     return all(c <= 0 for c in constraint_values(metrics, constraints))
 
 
-def _objective_points(trials: Sequence[Mapping[str, Any]], objectives: Objectives) -> list[Point]:
+def objective_points(trials: Sequence[Mapping[str, Any]], objectives: Objectives) -> list[Point]:
+    """Each trial's objective values as a minimised point (a missing or NaN value: ``inf``), ready for
+    ``hypervolume`` and ``reference_point``. ``minimized`` is its own inverse on finite values: apply it to a
+    minimised point (a reference point, say) with the same modes to get it back in the metrics' own units."""
     modes = [mode for _, mode in objectives]
     return minimized([[_value(t, name) for name, _ in objectives] for t in trials], modes)
 
@@ -212,7 +215,7 @@ def pareto_front(trials: Sequence[Mapping[str, Any]], objectives: Objectives,
                  constraints: Constraints | None = None) -> list[int]:
     """Indices (ascending) of the feasible trials with a finite value for every objective that no other such trial
     dominates: the Pareto front of the search."""
-    points = _objective_points(trials, objectives)
+    points = objective_points(trials, objectives)
     usable = [i for i, (t, p) in enumerate(zip(trials, points))
               if all(math.isfinite(v) for v in p) and feasible(t, constraints or {})]
     fronts = non_dominated_sort([points[i] for i in usable])
@@ -241,7 +244,7 @@ def rank_front(trials: Sequence[Mapping[str, Any]], objectives: Objectives, rule
     front = pareto_front(trials, objectives, constraints)
     if not front:
         return []
-    points = _objective_points([trials[i] for i in front], objectives)
+    points = objective_points([trials[i] for i in front], objectives)
     parsed = _rule(rule)
     if parsed is None:
         sums = _normalized_sums(points)

@@ -19,6 +19,7 @@ from search.pareto import (
     minimized,
     non_dominated_sort,
     nsga2_order,
+    objective_points,
     pareto_front,
     pick,
     rank_front,
@@ -223,3 +224,12 @@ def test_pick_knee_and_maximize_subject_to() -> None:
     assert pick([TRIALS[4]], OBJ, "knee", limit) is None
     with pytest.raises(ValueError, match="exactly one"):
         pick(TRIALS, OBJ, {"maximize": "val_acc", "minimize": "latency_ms"})
+
+
+def test_front_hypervolume_in_the_metrics_units() -> None:
+    points = objective_points([TRIALS[i] for i in pareto_front(TRIALS, OBJ, {"latency_ms": {"max": 4.0}})], OBJ)
+    assert points == [(-0.95, 3.0), (-0.93, 1.2), (-0.80, 1.0)]
+    # Reference val_acc 0, latency 4 ms -> (-0, 4). Rows by latency: [1.0, 1.2) width 0.80, [1.2, 3) 0.93, [3, 4) 0.95.
+    assert hypervolume(points, (0.0, 4.0)) == pytest.approx(0.80 * 0.2 + 0.93 * 1.8 + 0.95 * 1.0)
+    assert minimized([(-0.5, 4.0)], ["max", "min"]) == [(0.5, 4.0)]            # back in the metrics' own units
+    assert objective_points([TRIALS[5]], OBJ) == [(-0.99, math.inf)]
