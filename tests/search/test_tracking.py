@@ -266,3 +266,22 @@ def test_search_over_a_real_tracking_server(server: str) -> None:
     model_uri = tracking.log_and_register_model(server, runs["t_00000"], model, x[:2], registered_name="srv-caps")
     with torch.no_grad():
         torch.testing.assert_close(tracking.load_model(server, model_uri)(x), model(x))
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"id,name\n1,a\n" * 300, "is not a readable database (file is not a database)"),
+    (b"SQLite format 3\x00\x10\x00\x01\x01" + b"\xab" * 8000, "move it aside"),
+])
+def test_the_client_of_a_file_that_is_not_a_store_is_one_line(tmp_path: Path, content: bytes, said: str) -> None:
+    """Past the up-front checks (a file replaced between check and use), opening the store still says which store
+    and what to do in one TrackingError line, and leaves the file as it was."""
+    from search.tracking.client import mlflow_client
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(content)
+    uri = f"sqlite:///{db}"
+    with pytest.raises(TrackingError) as info:
+        mlflow_client(uri)
+    message = str(info.value)
+    assert message.startswith(f"tracking.uri: the MLflow store {uri} ") and said in message and "\n" not in message
+    assert db.read_bytes() == content and sorted(tmp_path.iterdir()) == [db]
