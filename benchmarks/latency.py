@@ -7,7 +7,7 @@ figure is the median of the rounds' medians, with the spread (min-max over round
 (the least disturbed one, a floor on a busy machine). CPU threads: 1 by default, as a quickstart trial has (1 CPU).
 
     python benchmarks/latency.py                       # CPU, batch 1 and 32
-    python benchmarks/latency.py --device cuda         # the GPU (bf16 autocast as training evaluates, and fp32)
+    python benchmarks/latency.py --device cuda         # the GPU: fp32, then bf16 autocast (as a trial evaluates)
     python benchmarks/latency.py --quick               # fewer passes (smoke)
 """
 
@@ -26,26 +26,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from drcapsnet.config import model_preset  # noqa: E402
 from drcapsnet.cost import device_name, flops, latency_ms, params  # noqa: E402
 from drcapsnet.model import CapsNet  # noqa: E402
+from drcapsnet.precision import resolve_precision  # noqa: E402
 
 ITERATIONS = (1, 2, 3, 4, 5)
 
 
 def measure(device: torch.device, batch: int, repeats: int, warmup: int, rounds: int, bf16: bool) -> None:
+    precision = resolve_precision(device, bf16)
     models = {}
     for r in ITERATIONS:
         torch.manual_seed(0)
         models[r] = CapsNet(model_preset("small", routing_iterations=r)).to(device)
+        if precision.channels_last:                         # as train() and a trial set it up
+            models[r] = models[r].to(memory_format=torch.channels_last)
     cfg = model_preset("small")
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     runs: dict[int, list[float]] = {r: [] for r in ITERATIONS}
     fastest: dict[int, float] = {}
     for _ in range(rounds):
         for r, model in models.items():
-            measured = latency_ms(model, shape, batch=batch, repeats=repeats, warmup=warmup, bf16=bf16)
+            measured = latency_ms(model, shape, batch=batch, repeats=repeats, warmup=warmup, precision=precision)
             runs[r].append(measured.latency_ms)
             fastest[r] = min(fastest.get(r, float("inf")), min(measured.pass_ms) / batch)
-    precision = "bf16" if bf16 and device.type == "cuda" else "fp32"
-    print(f"\nbatch {batch}, {precision}: {warmup} warm-up + {repeats} timed passes per round, {rounds} rounds")
+    print(f"\nbatch {batch}, {precision.name}: {warmup} warm-up + {repeats} timed passes per round, {rounds} rounds")
     print(f"{'routing_iterations':>18} {'latency_ms/image':>17} {'(min-max)':>19} {'vs 1':>6} {'fastest pass':>13} "
           f"{'MFLOPs/image':>13} {'params':>10}")
     base = statistics.median(runs[1])
@@ -73,7 +76,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     for batch in args.batch:
         measure(device, batch, args.repeats, args.warmup, args.rounds, bf16=False)
-        if device.type == "cuda":
+        if resolve_precision(device, True).name == "bf16":     # CUDA, or a CPU with native bf16
             measure(device, batch, args.repeats, args.warmup, args.rounds, bf16=True)
 
 

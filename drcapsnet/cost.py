@@ -10,7 +10,9 @@ Pure PyTorch (no Ray, Optuna or MLflow), so a trial, a benchmark and a test meas
   passes of a batch of ``batch`` random images on the model's own device are run and thrown away, then ``repeats``
   passes are timed one by one (``torch.cuda.synchronize`` before and after each on CUDA, so the time is the GPU's,
   not the launch's); the result is the MEDIAN pass time divided by ``batch``, with the device's name, the repeat
-  count, the warm-up count, the batch size and the precision, because a latency means nothing without them.
+  count, the warm-up count, the batch size and the precision, because a latency means nothing without them. The
+  precision is a ``drcapsnet.precision.Precision`` (fp32 unless given): pass the one the trial evaluates with
+  (``resolve_precision(device, train.bf16)``: bf16 autocast on CUDA and on CPUs with native bf16) to time what it runs.
 
 The model is measured as it is called (a ``CapsNet`` in eval mode runs its decoder too, masked by the longest
 capsule; that is what a registered ``CapsNetClassifier`` runs), under ``torch.inference_mode``; its train/eval mode
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 
 from drcapsnet.config import ModelConfig
 from drcapsnet.model import CapsNet, count_parameters
+from drcapsnet.precision import Precision, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Latency:
     repeats: int                      # timed passes
     warmup: int                       # passes run first and not timed
     batch: int                        # images per pass
-    precision: str                    # "fp32" or "bf16" (autocast, CUDA only)
+    precision: str                    # "fp32" or "bf16" (autocast: drcapsnet.precision)
     pass_ms: tuple[float, ...]        # every timed pass, whole batch, in order
 
 
@@ -71,14 +74,12 @@ def device_name(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def _inference(model: nn.Module, device: torch.device, bf16: bool) -> Iterator[None]:
-    """Eval mode, no autograd, bf16 autocast when asked for on CUDA; the model's mode restored after."""
+def _inference(model: nn.Module, precision: Precision) -> Iterator[None]:
+    """Eval mode, no autograd, the precision's autocast; the model's mode restored after."""
     was_training = model.training
     model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" \
-        else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), precision.autocast():
             yield
     finally:
         model.train(was_training)
@@ -91,7 +92,7 @@ def flops(model: nn.Module, image_shape: tuple[int, ...], batch: int = 1) -> flo
     device = _device(model)
     x = torch.rand(batch, *image_shape, device=device)                       # (B, C, H, W)
     counter = FlopCounterMode(display=False)
-    with _inference(model, device, bf16=False), counter:
+    with _inference(model, resolve_precision(device, bf16=False)), counter:
         model(x)
     return counter.get_total_flops() / batch
 
@@ -108,29 +109,32 @@ def _timed_pass(model: nn.Module, x: Tensor, device: torch.device) -> float:
 
 
 def latency_ms(model: nn.Module, image_shape: tuple[int, ...], *, batch: int = 1, repeats: int = 20,
-               warmup: int = 5, bf16: bool = False) -> Latency:
+               warmup: int = 5, precision: Precision | None = None) -> Latency:
     """Measured inference latency per image of ``model`` on its own device (see the module docstring)."""
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch >= 1, repeats >= 1, warmup >= 0; got {batch}, {repeats}, {warmup}")
     device = _device(model)
-    x = torch.rand(batch, *image_shape, device=device)                       # (B, C, H, W)
-    with _inference(model, device, bf16):
+    precision = precision or resolve_precision(device, bf16=False)
+    x = precision.images(torch.rand(batch, *image_shape, device=device))     # (B, C, H, W)
+    with _inference(model, precision):
         for _ in range(warmup):
             model(x)
         times = tuple(_timed_pass(model, x, device) for _ in range(repeats))
     return Latency(latency_ms=statistics.median(times) / batch, device=device_name(device), repeats=repeats,
-                   warmup=warmup, batch=batch, precision="bf16" if bf16 and device.type == "cuda" else "fp32",
-                   pass_ms=times)
+                   warmup=warmup, batch=batch, precision=precision.name, pass_ms=times)
 
 
 def model_cost(cfg: ModelConfig, device: torch.device | str = "cpu", *, batch: int = 1, repeats: int = 20,
                warmup: int = 5, bf16: bool = False, model: nn.Module | None = None) -> dict[str, float | int | str]:
     """``params``, ``flops`` and ``latency_ms`` of a ``CapsNet`` of ``cfg`` (or of ``model``, already on its device)
     as one flat record, with ``latency_device``, ``latency_repeats``, ``latency_warmup``, ``latency_batch`` and
-    ``latency_precision`` beside them: what a trial reports once and logs."""
+    ``latency_precision`` beside them: what a trial reports once and logs. ``bf16``: as ``train.bf16``."""
+    precision = resolve_precision(torch.device(device), bf16)
     if model is None:
         model = CapsNet(cfg).to(device)
+        if precision.channels_last:                                          # as train() sets it up
+            model = model.to(memory_format=torch.channels_last)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    measured = latency_ms(model, shape, batch=batch, repeats=repeats, warmup=warmup, bf16=bf16)
+    measured = latency_ms(model, shape, batch=batch, repeats=repeats, warmup=warmup, precision=precision)
     record = {f"latency_{k}": v for k, v in asdict(measured).items() if k not in ("latency_ms", "pass_ms")}
     return {"params": params(model), "flops": flops(model, shape), "latency_ms": measured.latency_ms, **record}

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from drcapsnet.config import model_preset
 from drcapsnet.cost import device_name, flops, latency_ms, model_cost, params
 from drcapsnet.model import CapsNet
+from drcapsnet.precision import resolve_precision
 
 TINY = model_preset("tiny")
 SHAPE = (TINY.in_channels, TINY.image_size, TINY.image_size)
@@ -71,9 +72,21 @@ def test_bad_counts_are_refused() -> None:
         latency_ms(CapsNet(TINY), SHAPE, repeats=0)
 
 
+def test_latency_runs_in_the_precision_given() -> None:
+    """bf16 forced on this CPU (emulated where it is not native): every pass runs under autocast, and says so."""
+    model = CapsNet(TINY)
+    autocast: list[bool] = []
+    model.register_forward_pre_hook(lambda module, args: autocast.append(torch.is_autocast_enabled("cpu")))
+    bf16 = resolve_precision(torch.device("cpu"), True, env={"DRCAPS_CPU_BF16": "1"})
+    assert latency_ms(model, SHAPE, repeats=2, warmup=1, precision=bf16).precision == "bf16"
+    assert autocast == [True] * 3
+    assert latency_ms(model, SHAPE, repeats=2, warmup=1).precision == "fp32" and autocast[3:] == [False] * 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_latency_on_cuda_names_the_gpu() -> None:
     model = CapsNet(TINY).to("cuda")
-    measured = latency_ms(model, SHAPE, batch=4, repeats=3, warmup=1, bf16=True)
+    measured = latency_ms(model, SHAPE, batch=4, repeats=3, warmup=1,
+                          precision=resolve_precision(torch.device("cuda"), True))
     assert measured.device == torch.cuda.get_device_name() and measured.precision == "bf16"
     assert measured.latency_ms > 0
