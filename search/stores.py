@@ -92,8 +92,8 @@ def space_problem(path: Path) -> str | None:
     free = stat.f_bavail * stat.f_frsize
     if free >= need:
         return None
-    return (f"only {free / 2**20:.1f} MiB free on the filesystem of {existing}, and a search needs {need / 2**20:g} "
-            f"MiB there (stores, checkpoints, Ray's results; ${MIN_FREE_ENV} sets the figure)")
+    return (f"only {free / 2**20:,.1f} MiB free on the filesystem of {existing}, and a search needs "
+            f"{need / 2**20:,.6g} MiB there (stores, checkpoints, Ray's results; ${MIN_FREE_ENV} sets the figure)")
 
 
 def sqlite_problem(path: Path) -> str | None:
