@@ -43,6 +43,18 @@ def objective_pairs(objectives: Sequence[Any], metric: str, mode: str) -> tuple[
     return tuple((str(o.get("metric")), str(o.get("mode"))) for o in objectives if isinstance(o, Mapping))
 
 
+def first_objective_defaults(values: Mapping[str, Any], kwargs: dict[str, Any]) -> None:
+    """Validation's step: with ``search.objectives`` given and ``search.metric``/``search.mode`` left out of
+    ``values`` (the raw mapping), ``kwargs`` gets the first objective's (when valid: a bad one is reported once, at
+    the objective)."""
+    objectives = kwargs.get("objectives")
+    first = objectives[0] if isinstance(objectives, (list, tuple)) and objectives else None
+    if isinstance(first, Mapping):
+        for key, valid in (("metric", OBJECTIVE_METRICS), ("mode", ("max", "min"))):
+            if key not in values and first.get(key) in valid:
+                kwargs[key] = first[key]
+
+
 def _objectives_problems(objectives: Sequence[Any]) -> list[Problem]:
     out: list[Problem] = []
     seen: list[str] = []

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from drcapsnet.config import MODEL_PRESETS, ModelConfig, RunConfig
 from drcapsnet.errors import ConfigError, Problem  # an experiment is wrong: one problem per line, "path.key: what"
-from search.experiment.objectives import OBJECTIVE_METRICS
+from search.experiment.objectives import first_objective_defaults
 from search.experiment.overrides import apply_override
 from search.experiment.schema import (
     PARAM_TYPES,
@@ -234,24 +234,13 @@ def _enqueue(raw: Any, space: dict[str, ParamSpec], issues: list[str]) -> tuple[
     return tuple(points)
 
 
-def _first_objective(values: Mapping[str, Any], kwargs: dict[str, Any]) -> None:
-    """With ``search.objectives`` given and ``search.metric``/``search.mode`` left out, those are the first
-    objective's (when valid: a bad one is reported once, at the objective)."""
-    objectives = kwargs.get("objectives")
-    first = objectives[0] if isinstance(objectives, (list, tuple)) and objectives else None
-    if isinstance(first, Mapping):
-        for key, valid in (("metric", OBJECTIVE_METRICS), ("mode", ("max", "min"))):
-            if key not in values and first.get(key) in valid:
-                kwargs[key] = first[key]
-
-
 def _search(raw: Any, sections: dict[str, Any], issues: list[str]) -> SearchConfig | None:
     values = _mapping(raw, "search", issues)
     if values is None:
         return None
     nested = ("scheduler", "resources", "space", "enqueue")
     kwargs = _checked(SearchConfig, "search", {k: v for k, v in values.items() if k not in nested}, issues)
-    _first_objective(values, kwargs)
+    first_objective_defaults(values, kwargs)
     for key, cls in (("scheduler", SchedulerConfig), ("resources", ResourcesConfig)):
         sub = _mapping(values.get(key), f"search.{key}", issues)
         if sub is not None:
