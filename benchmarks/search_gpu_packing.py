@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.steps import require_cuda  # noqa: E402
 from search import tracking  # noqa: E402
 from search.experiment import experiment_from_dict  # noqa: E402
+from search.plan import make_plan  # noqa: E402
+from search.publish import publish  # noqa: E402
 from search.tune import run_search  # noqa: E402
 
 
@@ -45,7 +47,8 @@ def search_once(args: argparse.Namespace, gpu: float, tmp: Path) -> tuple[float,
     }, base_dir=tmp)
     t0 = time.perf_counter()
     try:
-        result = run_search(exp, storage_path=tmp / "ray", verbose=0)
+        plan = make_plan(exp, storage_path=tmp / "ray", out=tmp / "best.yaml")
+        result = publish(plan, run_search(plan, verbose=0))
     finally:
         ray.shutdown()
     wall = time.perf_counter() - t0

@@ -43,6 +43,8 @@ def main() -> None:
 
     from search import tracking
     from search.experiment import load_experiment
+    from search.plan import make_plan
+    from search.publish import publish
     from search.tune import run_search
     t_import = time.perf_counter() - t_import
 
@@ -59,7 +61,8 @@ def main() -> None:
         os.chdir(tmp)
         uri = f"sqlite:///{tmp}/mlflow.db"
         t1, wall1 = time.perf_counter(), time.time()   # Ray's start included: the wall a user waits
-        result = run_search(exp, tracking_uri=uri, storage_path=Path(tmp) / "ray", verbose=0)
+        plan = make_plan(exp, tracking_uri=uri, storage_path=Path(tmp) / "ray", out=Path(tmp) / "best.yaml")
+        result = publish(plan, run_search(plan, verbose=0))
         t_search, wall2 = time.perf_counter() - t1, time.time()
         ray.shutdown()
         runs = tracking.child_runs(uri, result.parent_run_id)

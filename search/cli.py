@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-model", type=Path, metavar="PATH", help="resume from this checkpoint (file or folder)")
     p.add_argument("--checkpoint-dir", type=Path, help="write last.pt every epoch and best.pt on improvement")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="train.compile=true: torch.compile the training step (pays for long trainings; README)")
 
     p = _command(sub, "evaluate", "the accuracy of a registered model or a checkpoint on a dataset's split")
     src = p.add_mutually_exclusive_group(required=True)
@@ -206,6 +208,8 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     out = [f"{field}={value}" for flag, field, *_ in RUN_FLAGS if (value := getattr(args, _dest(flag))) is not None]
     if args.no_cuda:
         out.append("train.device=cpu")
+    if getattr(args, "compile", False):
+        out.append("train.compile=true")
     return out + list(args.set)
 
 
@@ -245,6 +249,13 @@ def _call(args: argparse.Namespace) -> int:
     if args.command == "validate":
         return commands.validate_command(args.experiment, list(args.set), show_samples=args.show_samples)
     if args.command == "search":
+        from search.tune import is_ray_client
+
+        if is_ray_client(args.address):          # the same plan, run and publish, on the cluster's head
+            return commands.search_through_ray_client(
+                args.experiment, list(args.set), address=args.address, tracking_uri=args.tracking_uri,
+                storage_path=args.storage_path, out=args.out, resume=args.resume, smoke_test=args.smoke_test,
+                verbose=args.verbose)
         return commands.search_command(args.experiment, list(args.set), address=args.address,
                                        tracking_uri=args.tracking_uri, storage_path=args.storage_path, out=args.out,
                                        resume=args.resume, smoke_test=args.smoke_test, verbose=args.verbose)

@@ -14,13 +14,37 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from drcapsnet.config import RunConfig
 from search.experiment import Experiment, dump_experiment, experiment_from_dict, parse_override, to_plain
-from search.space import apply_params
+from search.space import apply_params, trial_run
+
+
+def versions() -> dict[str, str]:
+    """What this process runs under: drcaps, torch, Python, and CUDA/cuDNN where torch has them."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    out = {"python": platform.python_version(), "torch": str(torch.__version__)}
+    try:
+        out["drcaps"] = importlib.metadata.version("drcaps")
+    except importlib.metadata.PackageNotFoundError:
+        out["drcaps"] = "unknown"
+    if torch.version.cuda:
+        out["cuda"] = str(torch.version.cuda)
+    if torch.backends.cudnn.is_available():
+        out["cudnn"] = str(torch.backends.cudnn.version())
+    return out
 
 
 def best_experiment(exp: Experiment, params: Mapping[str, Any], *, metrics: Mapping[str, float],
-                    run_id: str | None, model_uri: str | None, trial_id: str | None = None) -> Experiment:
-    """``exp`` with the best trial's ``params`` applied and a ``result`` section describing that trial."""
+                    run_id: str | None, model_uri: str | None, trial_id: str | None = None,
+                    run: RunConfig | None = None, extra: Mapping[str, Any] | None = None) -> Experiment:
+    """``exp`` with the best trial's config and a ``result`` section describing that trial. ``run``: the config the
+    trial trained, exactly (``search.space.trial_run``: its thread count and device included), so ``drcaps train
+    --config`` of the export reproduces its numbers; default: ``params`` applied to ``exp``. ``extra``: more of the
+    result section (the search's value, the confirmation)."""
     result = {
         "metrics": to_plain(dict(metrics)),
         "params": to_plain(dict(params)),
@@ -28,8 +52,10 @@ def best_experiment(exp: Experiment, params: Mapping[str, Any], *, metrics: Mapp
         "model_uri": model_uri,
         "trial_id": trial_id,
         "source_experiment": exp.name,
+        "versions": versions(),
+        **to_plain(dict(extra or {})),
     }
-    return dataclasses.replace(exp, run=apply_params(exp, params), result=result)
+    return dataclasses.replace(exp, run=run if run is not None else apply_params(exp, params), result=result)
 
 
 def export_best(best: Experiment, out: Path, fmt: Literal["yaml", "json"] = "yaml") -> Path:
@@ -61,9 +87,11 @@ def export_from_tracking(uri: str, experiment: str, out: Path, fmt: Literal["yam
     exp = experiment_from_dict(source, source=f"run {parent.run_id}")
     best = tracking.best_trial_run(uri, experiment, exp.search.metric, exp.search.mode, parent_run_id=parent.run_id)
     params = {k: parse_override(f"{k}={best.params[k]}")[1] for k in exp.search.space if k in best.params}
+    s = exp.search
     chosen = best_experiment(exp, params, metrics=best.metrics, run_id=best.run_id,
                              model_uri=parent.tags.get("drcaps.model_uri") or None,
-                             trial_id=best.tags.get("drcaps.trial_id"))
+                             trial_id=best.tags.get("drcaps.trial_id"),
+                             run=trial_run(exp, params, s.resources.cpu, s.resources.gpu))
     path = export_best(chosen, out, fmt or ("json" if out.suffix.lower() == ".json" else "yaml"))
     if csv is not None:
         csv.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ the last trials to end, and shows it as it changes:
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -217,45 +216,3 @@ class SearchProgress:
             self._refresh()
             self._live.__exit__(None, None, None)
             self._live = None
-
-
-# ---------------------------------------------------------------- the end of a search
-
-def outcome_label(outcome: str, error: str | None) -> str:
-    """``failed: diverged at epoch 3`` for a failed trial (the last line of its error, without the type name);
-    the outcome itself otherwise."""
-    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
-    if outcome != "failed" or not lines:
-        return outcome
-    head, sep, rest = lines[-1].partition(": ")
-    reason = rest if sep and head.replace(".", "").replace("_", "").isalnum() and " " not in head else lines[-1]
-    return f"failed: {reason.split(';')[0][:60]}"
-
-
-def summary_lines(result: Any, *, export_path: Any, csv_path: Any, links: Mapping[str, str],
-                  report_path: Any = None, top: int = 10) -> list[str]:
-    """What ``drcaps search`` prints when the search is over: the ranked trials, the best config, where the
-    export went, and direct links (MLflow runs, Optuna Dashboard). ``result``: a ``search.tune.SearchResult``."""
-    s = result.experiment.search
-    names = list(s.space)
-    header = ["rank", "trial", s.metric, "epochs", "outcome", *(short_name(n) for n in names)]
-    rows = [[str(i), str(t.number if t.number is not None else t.trial_id),
-             f"{t.metric:.4f}" if math.isfinite(t.metric) else "-", str(t.epochs),
-             outcome_label(t.outcome, t.error), *(format_value(t.params.get(n)) for n in names)]
-            for i, t in enumerate(result.trials[:top], start=1)]
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    shown = f"top {top} of {len(result.trials)}" if len(result.trials) > top else f"all {len(result.trials)}"
-    out = ["", f"trials ranked by their best {s.metric} ({shown}):"]
-    out += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    best = result.best
-    out += ["", f"best: trial {best.number if best.number is not None else best.trial_id}, {s.metric} "
-                f"{best.metric:.4f} at its best epoch ({best.epochs} epochs run)"]
-    out += [f"  {name} = {format_value(value)}" for name, value in best.params.items()]
-    out += [f"exported best config: {export_path}", f"all trials (CSV):     {csv_path}"]
-    if report_path:
-        out.append(f"report:               {report_path}")
-    if result.model_uri:
-        out.append(f"registered model:     {result.model_uri}")
-    out.append(f"retrain from it:      drcaps train --config {export_path}")
-    out += [f"{label + ':':<21} {target}" for label, target in links.items()]
-    return out

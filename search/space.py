@@ -125,3 +125,23 @@ def sample_space(space: Mapping[str, ParamSpec], seed: int, n: int, sampler: str
         return out
     finally:
         optuna.logging.set_verbosity(previous)
+
+
+CONFIRM_SEED_STEP = 1000   # confirmation seed i trains with train.seed + i * 1000 (and data.split_seed alike)
+
+
+def trial_run(exp: Experiment, params: Mapping[str, Any], cpus: float, gpus: float,
+              confirm_seed: int | None = None, resplit: bool = False) -> RunConfig:
+    """The run config a trial trains, exactly: ``params`` applied, ``train.num_threads`` = its CPUs (at least 1),
+    CPU unless it holds a GPU. ``confirm_seed`` i (1, 2, ...): a confirmation run, with ``train.seed`` moved by
+    i * CONFIRM_SEED_STEP (model init and data order) and, with ``resplit``, ``data.split_seed`` too (a fresh
+    validation split from the training data). The export of a trial carries this config, so a retrain matches."""
+    run = apply_params(exp, params)
+    train = dataclasses.replace(run.train, num_threads=max(1, int(cpus)),
+                                device=run.train.device if gpus > 0 else "cpu")
+    data = run.data
+    if confirm_seed is not None:
+        train = dataclasses.replace(train, seed=train.seed + confirm_seed * CONFIRM_SEED_STEP)
+        if resplit:
+            data = dataclasses.replace(data, split_seed=data.split_seed + confirm_seed * CONFIRM_SEED_STEP)
+    return dataclasses.replace(run, train=train, data=data)

@@ -5,12 +5,13 @@ Every check that can be made before work starts is made first and raises a
 :class:`~drcapsnet.errors.DrcapsError`; anything else is a bug and shows its traceback.
 
 - ``training``: ``train_command``, ``evaluate_command``, ``validate_command`` (one model, one experiment file)
-- ``searching``: ``search_command`` (checks, search, export, summary) and the driver machine's defaults
+- ``searching``: ``search_command``: plan, run, publish (search/plan.py, search.tune, search/publish/)
 - ``cluster``: ``search_through_ray_client`` / ``search_on_head``, the search as one task on a Ray cluster's head
 - ``records``: ``export_best_command``, ``report_command``, ``ui_command`` (read what searches recorded)
 
 The logic they call lives in the library: checkpoint rules in drcapsnet/checkpoint.py, evaluation in
-drcapsnet/train.py, up-front checks in search/preflight.py, export in search/export.py.
+drcapsnet/train.py, up-front checks in search/plan.py and search/preflight.py, the end of a search in
+search/publish/, export in search/export.py.
 """
 
 from __future__ import annotations

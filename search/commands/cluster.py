@@ -80,7 +80,7 @@ def search_on_head(experiment: Path, overrides: list[str], options: dict[str, An
     from drcapsnet.errors import DrcapsError
     from search.commands.searching import search_command
     from search.experiment import load_experiment
-    from search.tune import smoke_experiment
+    from search.plan import smoke_experiment
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with tempfile.TemporaryDirectory(prefix="drcaps-out-") as out, \

@@ -122,6 +122,8 @@ def train_command(config: Path | None, overrides: list[str], *, save_model: Path
         print(_resume_note(load_model, state, run))
     datasets = load_datasets(run.data)
     check_compatible(run.model, datasets)
+    if config is not None and (note := _retrain_note(config, run)):
+        print(note)
     print(f"training {run.model.routing} routing x{run.model.routing_iterations}, units {run.model.units} on "
           f"{run.data.dataset}: {len(datasets.train)} train / {len(datasets.val)} val / {len(datasets.test)} test")
     with tempfile.TemporaryDirectory(prefix="drcaps-train-") as tmp:
@@ -136,6 +138,30 @@ def train_command(config: Path | None, overrides: list[str], *, save_model: Path
         print(f"done: best val_acc {100 * metrics['best_val_acc']:.2f}% (epoch {int(metrics['best_epoch'])}), "
               f"test_acc {100 * metrics['test_acc']:.2f}%")
     return 0
+
+
+def _retrain_note(config: Path, run: RunConfig) -> str | None:
+    """One line before a retrain of an exported trial (a file with ``result.versions``, search/export.py): what
+    differs from the trial (versions, threads, device, precision), or that nothing does."""
+    from search.experiment import load_experiment
+    from search.export import versions
+
+    try:
+        exp = load_experiment(config)
+    except (ConfigError, OSError):
+        return None
+    result = exp.result or {}
+    if not isinstance(result.get("versions"), dict):
+        return None
+    now = versions()
+    diffs = [f"{k} {v} here {now.get(k, 'none')}" for k, v in result["versions"].items() if str(now.get(k)) != str(v)]
+    diffs += [f"train.{f} {getattr(exp.run.train, f)!r} -> {getattr(run.train, f)!r}"
+              for f in ("num_threads", "device", "bf16", "seed") if getattr(exp.run.train, f) != getattr(run.train, f)]
+    trial = f"trial {result.get('trial_id') or '?'} of '{result.get('source_experiment', exp.name)}'"
+    if diffs:
+        return f"note: this run differs from {trial} ({'; '.join(diffs)}): its numbers may differ from the trial's"
+    return f"reproducing {trial}: same versions and settings, so on the same kind of machine the per-epoch numbers " \
+           "match the trial's"
 
 
 def evaluate_command(*, checkpoint: Path | None = None, model_uri: str | None = None,

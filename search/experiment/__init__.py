@@ -41,6 +41,7 @@ from search.experiment.schema import (
     SCHEDULERS,
     SECTIONS,
     TOP_LEVEL,
+    ConfirmConfig,
     Experiment,
     ParamSpec,
     ResourcesConfig,
@@ -52,6 +53,6 @@ from search.experiment.validate import experiment_from_dict, run_config_from_dic
 from search.experiment.yaml12 import load_yaml
 
 __all__ = ["METRICS", "PARAM_TYPES", "SAMPLERS", "SCHEDULERS", "SECTIONS", "TOP_LEVEL", "Experiment", "ParamSpec",
-           "ResourcesConfig", "SchedulerConfig", "SearchConfig", "TrackingConfig", "dump_experiment",
+           "ConfirmConfig", "ResourcesConfig", "SchedulerConfig", "SearchConfig", "TrackingConfig", "dump_experiment",
            "experiment_from_dict", "experiment_to_dict", "load_experiment", "load_run_config", "load_yaml",
            "parse_override", "run_config_from_dict", "to_plain"]

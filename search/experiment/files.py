@@ -103,6 +103,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
     search = {f.name: getattr(exp.search, f.name) for f in dataclasses.fields(SearchConfig)}
     search["scheduler"] = dataclasses.asdict(exp.search.scheduler)
     search["resources"] = dataclasses.asdict(exp.search.resources)
+    search["confirm"] = dataclasses.asdict(exp.search.confirm) if exp.search.confirm is not None else None
     search["enqueue"] = [dict(point) for point in exp.search.enqueue]
     search["space"] = {name: _spec_to_dict(spec) for name, spec in exp.search.space.items()}
     out: dict[str, Any] = {"name": exp.name, **exp.run.to_dict(), "search": search,

@@ -172,6 +172,31 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class ConfirmConfig:
+    """Confirm the winner before crowning it (search/tune/confirm.py): the ``top_k`` configs by the one ranking
+    are trained again ``seeds`` times with new seeds (model init and data order; ``resplit``: also a fresh
+    validation split drawn from the training data); the pick is the best mean over those runs."""
+
+    top_k: int = 3
+    seeds: int = 3
+    resplit: bool = False
+
+    def __post_init__(self) -> None:
+        raise_problems(self.problems())
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        for name in ("top_k", "seeds"):
+            value = getattr(self, name)
+            need(out, isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"search.confirm.{name}", f"must be an integer >= 1, got {value!r} (leave search.confirm out to "
+                 "crown the raw best)")
+        need(out, isinstance(self.resplit, bool), "search.confirm.resplit",
+             f"must be true or false, got {self.resplit!r}")
+        return out
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """What to search, with which sampler and scheduler, on which resources."""
 
@@ -193,6 +218,7 @@ class SearchConfig:
     storage: str | None = None             # Optuna RDB URL; None = SQLite next to the MLflow store (search/tune/)
     enqueue: tuple[dict[str, Any], ...] = ()   # known-good points tried first; dotted names -> values
     space: dict[str, ParamSpec] = field(default_factory=dict)   # dotted config names -> spec; required
+    confirm: ConfirmConfig | None = None   # None: the raw best is crowned (search/tune/confirm.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "enqueue", tuple(dict(point) for point in self.enqueue))
@@ -218,6 +244,11 @@ class SearchConfig:
         need(out, isinstance(self.max_failures, int) and self.max_failures >= -1,
              "search.max_failures", f"must be an integer >= -1 (-1 = retry forever), got {self.max_failures!r}")
         need(out, self.storage is None or bool(self.storage), "search.storage", "must be null or a non-empty URL")
+        need(out, self.confirm is None or not isinstance(self.confirm.top_k, int) or
+             not isinstance(self.num_samples, int) or self.num_samples < 1 or
+             self.confirm.top_k <= self.num_samples, "search.confirm.top_k",
+             f"{getattr(self.confirm, 'top_k', None)!r} is above search.num_samples ({self.num_samples!r}); set it "
+             "to at most num_samples")
         need(out, bool(self.space), "search.space", "required, at least one parameter, "
              "e.g. train.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}")
         return out

@@ -25,6 +25,7 @@ from search.experiment.schema import (
     PARAM_TYPES,
     SECTIONS,
     TOP_LEVEL,
+    ConfirmConfig,
     Experiment,
     ParamSpec,
     ResourcesConfig,
@@ -238,7 +239,7 @@ def _search(raw: Any, sections: dict[str, Any], issues: list[str]) -> SearchConf
     values = _mapping(raw, "search", issues)
     if values is None:
         return None
-    nested = ("scheduler", "resources", "space", "enqueue")
+    nested = ("scheduler", "resources", "space", "enqueue", "confirm")
     kwargs = _checked(SearchConfig, "search", {k: v for k, v in values.items() if k not in nested}, issues)
     first_objective_defaults(values, kwargs)
     for key, cls in (("scheduler", SchedulerConfig), ("resources", ResourcesConfig)):
@@ -247,6 +248,13 @@ def _search(raw: Any, sections: dict[str, Any], issues: list[str]) -> SearchConf
             obj = _construct(cls, f"search.{key}", _checked(cls, f"search.{key}", sub, issues), issues)
             if obj is not None:
                 kwargs[key] = obj
+    if values.get("confirm") is not None:
+        sub = _mapping(values.get("confirm"), "search.confirm", issues)
+        if sub is not None:
+            obj = _construct(ConfirmConfig, "search.confirm", _checked(ConfirmConfig, "search.confirm", sub, issues),
+                             issues)
+            if obj is not None:
+                kwargs["confirm"] = obj
     kwargs["space"] = _space(values.get("space"), sections, issues)
     kwargs["enqueue"] = _enqueue(values.get("enqueue"), kwargs["space"], issues)
     if isinstance(kwargs.get("storage"), str):

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from search import tracking
+from search.report.confirmation import confirmation_section
 from search.report.data import (
     FIGURES,
     REPORT_ARTIFACT,
@@ -45,7 +46,8 @@ def build_sections(uri: str, data: SearchData) -> list[Section]:
     sections = [*study_sections(study, data.experiment.search.metric, source), learning_curves(data),
                 *model_sections(data, uri)]
     assert [s.key for s in sections] == list(FIGURES), [s.key for s in sections]
-    return sections
+    confirmed = confirmation_section(data, uri)          # only for a search that confirmed its winner
+    return sections[:4] + [confirmed] + sections[4:] if confirmed is not None else sections
 
 
 def _summary(data: SearchData, uri: str) -> str:

@@ -61,15 +61,19 @@ def _search_all(uri: str, exp_id: str, filter_string: str) -> list[Run]:
             return runs
 
 
-def child_runs(uri: str, parent_run_id: str) -> list[RunRecord]:
-    """The trial runs of one search, oldest first."""
+def child_runs(uri: str, parent_run_id: str, role: str | None = "trial") -> list[RunRecord]:
+    """The trial runs of one search, oldest first (``role``: ``confirm`` for its confirmation runs, None for
+    every child run)."""
     from mlflow.exceptions import MlflowException
 
     try:
         exp_id = mlflow_client(uri).get_run(parent_run_id).info.experiment_id
     except MlflowException as e:
         raise TrackingError(f"no MLflow run {parent_run_id!r} at {uri}: {e.message}") from e
-    return [_record(r) for r in _search_all(uri, exp_id, f"tags.mlflow.parentRunId = {quoted(parent_run_id)}")]
+    where = f"tags.mlflow.parentRunId = {quoted(parent_run_id)}"
+    if role is not None:
+        where += f" and tags.`drcaps.role` = {quoted(role)}"
+    return [_record(r) for r in _search_all(uri, exp_id, where)]
 
 
 def latest_search_run(uri: str, experiment: str) -> RunRecord | None:

@@ -70,9 +70,10 @@ def start_search_run(uri: str, experiment: str, *, run_name: str, params: Mappin
 
 
 def find_or_create_trial_run(uri: str, experiment: str, *, parent_run_id: str, trial_id: str, run_name: str,
-                             params: Mapping[str, Any]) -> str:
+                             params: Mapping[str, Any], tags: Mapping[str, str] = {}) -> str:  # noqa: B006
     """The child run of ``trial_id`` under ``parent_run_id``: created once; when Ray restarts the trial the same run
-    is found again by its tags and set back to RUNNING. Params already logged keep their first value."""
+    is found again by its tags and set back to RUNNING. Params already logged keep their first value. ``tags``: set
+    when the run is created (``drcaps.role``: ``trial`` by default, ``confirm`` for a confirmation run)."""
     exp_id = ensure_experiment(uri, experiment)
     client = mlflow_client(uri)
     found = client.search_runs([exp_id], max_results=1, filter_string=(
@@ -89,8 +90,8 @@ def find_or_create_trial_run(uri: str, experiment: str, *, parent_run_id: str, t
         new_params = {k: v for k, v in params.items() if k not in run.data.params}
         _log_params_and_tags(uri, run.info.run_id, new_params, tags)
         return run.info.run_id
-    tags = {"mlflow.parentRunId": parent_run_id, "drcaps.trial_id": trial_id, "drcaps.role": "trial"}
-    run = with_retry(lambda: client.create_run(exp_id, run_name=run_name, tags=tags))
+    created = {"mlflow.parentRunId": parent_run_id, "drcaps.trial_id": trial_id, "drcaps.role": "trial", **tags}
+    run = with_retry(lambda: client.create_run(exp_id, run_name=run_name, tags=created))
     _log_params_and_tags(uri, run.info.run_id, params, {})
     return run.info.run_id
 
@@ -162,11 +163,18 @@ def log_run_artifact(uri: str, run_id: str, local_path: Path, artifact_path: str
     with_retry(lambda: mlflow_client(uri).log_artifact(run_id, str(local_path), artifact_path))
 
 
+# MLflow 3.17's UI shows an experiment in its GenAI view (traces, token usage) or its model-training view, chosen by
+# this query parameter, else by the browser's localStorage (``mlflow.workflowType``, GenAI in a fresh browser); the
+# ``mlflow.experimentKind`` experiment tag is not read while the UI's workflow selector is on (always, in 3.17).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_url(uri: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI's page of a run: on the server itself for an http(s) URI, else on ``ui`` (``drcaps ui``)."""
+    """The MLflow UI's page of a run, in the model-training view: on the server itself for an http(s) URI, else on
+    ``ui`` (``drcaps ui``)."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui
     exp_id = mlflow_client(uri).get_run(run_id).info.experiment_id
-    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def run_age_s(uri: str, run_id: str) -> float:

@@ -1,9 +1,12 @@
-"""A search from start to end, as the lifecycle reads: check, start Ray, open (or resume) the search's records,
-build the tuner, fit it (a Ctrl-C is an interrupt to resume, not an end), close every record.
+"""A search run from its plan (search/plan.py), as the lifecycle reads: start Ray (or join it), open (or reopen)
+the search's records, fit the tuner (a Ctrl-C is an interrupt to resume, not an end), close every trial record,
+confirm the top-k (search/tune/confirm.py), and hand back what was recorded (search/tune/results.py). No registry,
+no report, no export: search/publish.py does everything after.
 
 ``run_search`` is the lifecycle; each step below it is one function. Where a search keeps its state:
 ``<storage>/<experiment>/drcaps-search.json`` (what ``--resume`` reads), Tune's folder
-``<storage>/<experiment>/<study>/``, the MLflow parent run and the Optuna study, both named after the study.
+``<storage>/<experiment>/<study>/`` (and ``<study>-confirm/``), the MLflow parent run and the Optuna study, both
+named after the study.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ import torch
 
 from search import preflight, state, tracking
 from search.experiment import Experiment, experiment_to_dict
+from search.plan import SearchPlan
 from search.progress import SearchProgress
 from search.state import STATE_FILE
+from search.storage import create_optuna_schema
+from search.stores import masked
 from search.tune import lean, live, runtime, studies
-from search.tune.results import SearchResult, finish
+from search.tune.results import SearchRecords, close_trial_runs, fail_if_none_scored, prune_checkpoints, summaries
 from search.tune.searcher import make_scheduler, make_searcher, trial_dirname
 from search.tune.trial import TrialContext, remove_temp_folders, run_trial, shared_datasets
 
@@ -40,47 +46,26 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def run_search(exp: Experiment, *, address: str | None = None, tracking_uri: str | None = None,
-               storage_path: str | Path | None = None, resume: bool = False, smoke_test: bool = False,
-               verbose: int = 1) -> SearchResult:
-    """Run the experiment's search and return the ranked trials, the best config and its registered model.
+def run_search(plan: SearchPlan, verbose: int = 1) -> SearchRecords:
+    """Run the plan's search (and its confirmation) and return what it recorded, trials ranked.
 
     ``verbose``: 0 silent, 1 the live view (search/progress.py), 2 also Ray Tune's own tables and library logs.
     """
-    exp = smoke_experiment(exp) if smoke_test else exp
-    uri = tracking.resolve_tracking_uri(tracking_uri or exp.tracking.uri)
-    root = Path(storage_path or Path.cwd() / "drcaps-runs").resolve()
-    check_search(exp, uri, root, resume)                      # nothing written, Ray not started
-    with _ray_and_lock(exp, root, address, verbose, lambda: _prepare(exp, uri)) as datasets:   # stores, data
-        search = _reopen(exp, uri, root) if resume else _open(exp, uri, root, smoke_test)   # parent run, study
+    from search.tune.confirm import confirm
+
+    with _ray_and_lock(plan, verbose, lambda: _prepare(plan)) as datasets:     # stores, data
+        search = _reopen(plan) if plan.resume else _open(plan)                  # parent run, study
         with _killed_on_exit(search):                         # error or Ctrl-C: parent run KILLED, re-raised
-            results = _fit(_tuner(search, resume, verbose, datasets), search, verbose)
-        return _close(search, results)                        # Optuna, MLflow runs, registry, report
-
-
-def check_search(exp: Experiment, uri: str, storage_root: Path, resume: bool) -> None:
-    """Every check of a search that needs neither Ray nor a record: tracking store and names, storage folder,
-    resume state, Optuna storage, the metric in every epoch's report. Raises a DrcapsError; writes nothing."""
-    tracking.check_tracking_uri(uri)
-    tracking.check_names(exp.mlflow_experiment, exp.registered_model)
-    preflight.check_storage(storage_root, exp.name, resume)
-    preflight.check_optuna_storage(studies.optuna_storage_url(exp, uri))
-    s = exp.search
-    preflight.check_metric_every_epoch(s.metric, exp.run.train.epochs, exp.run.train.eval_interval, s.space,
-                                       s.scheduler.name)
-
-
-def smoke_experiment(exp: Experiment) -> Experiment:
-    """2 trials x 1 epoch on at most 256 training images: checks the wiring in a minute."""
-    run = exp.run
-    run = dataclasses.replace(run, train=dataclasses.replace(run.train, epochs=1),
-                              data=dataclasses.replace(run.data, limit_train=min(run.data.limit_train or 256, 256)))
-    search = dataclasses.replace(exp.search, num_samples=2, time_budget_s=None)
-    # Apart from the real searches: its own name (Ray folder, lock, export file), MLflow experiment and registered
-    # model, and its parent run tagged drcaps.smoke_test, so no "latest"/"best" lookup of the real experiment sees it.
-    smoke_tracking = dataclasses.replace(exp.tracking, experiment=f"{exp.mlflow_experiment}-smoke",
-                                         registered_model=f"{exp.registered_model}-smoke")
-    return dataclasses.replace(exp, name=f"{exp.name}-smoke", run=run, search=search, tracking=smoke_tracking)
+            results = _fit(_tuner(search, verbose, datasets), search, verbose)
+        trials = _close(search, results)                      # Optuna, MLflow trial runs
+        fail_if_none_scored(search.uri, search.parent_run_id, trials)
+        confirmations = ()
+        if plan.experiment.search.confirm is not None:
+            with _killed_on_exit(search):
+                confirmations = confirm(search, trials, datasets, verbose)
+        prune_checkpoints(plan.folder)
+        return SearchRecords(plan.experiment, trials, search.uri, search.parent_run_id, search.study_name,
+                             search.storage_url, str(search.folder), confirmations)
 
 
 def search_params(exp: Experiment) -> dict[str, Any]:
@@ -90,39 +75,50 @@ def search_params(exp: Experiment) -> dict[str, Any]:
     space = {f"space.{name}": (f"{spec.type} {list(spec.choices)}" if spec.type == "categorical" else
                                f"{spec.type} [{spec.low}, {spec.high}]" + (" log" if spec.log else ""))
              for name, spec in s.space.items()}
+    confirm = {} if s.confirm is None else {"search.confirm.top_k": s.confirm.top_k,
+                                            "search.confirm.seeds": s.confirm.seeds,
+                                            "search.confirm.resplit": s.confirm.resplit}
     return {"search.sampler": s.sampler, "search.scheduler": s.scheduler.name, "search.seed": s.seed,
             "search.num_samples": s.num_samples, "search.metric": s.metric, "search.mode": s.mode,
             "search.max_concurrent": s.max_concurrent, "data.dataset": exp.run.data.dataset,
-            "train.epochs": exp.run.train.epochs} | space
+            "train.epochs": exp.run.train.epochs} | confirm | space
 
 
 # ---------------------------------------------------------------------------------------------- the steps
 
 @dataclass(frozen=True)
-class _Search:
-    """One search's records and places (what the state file holds, so ``--resume`` finds them again)."""
+class OpenSearch:
+    """One search's records, opened: its plan, the study name every record shares, the MLflow parent run (what the
+    state file holds, so ``--resume`` finds them again)."""
 
-    exp: Experiment
-    uri: str                      # MLflow tracking URI
-    storage: Path                 # <storage root>/<experiment>: the state file, the lock, one folder per study
-    storage_url: str              # the Optuna storage
+    plan: SearchPlan
     study_name: str
     parent_run_id: str
 
     @property
+    def exp(self) -> Experiment:
+        return self.plan.experiment
+
+    @property
+    def uri(self) -> str:
+        return self.plan.tracking_uri
+
+    @property
+    def storage_url(self) -> str:
+        return self.plan.storage_url
+
+    @property
     def folder(self) -> Path:     # Tune's experiment folder
-        return self.storage / self.study_name
+        return self.plan.folder / self.study_name
 
 
 @contextlib.contextmanager
-def _ray_and_lock(exp: Experiment, root: Path, address: str | None, verbose: int,
-                  prepare: Callable[[], T]) -> Iterator[T]:
-    """Ray started here or joined (``address``), its resources checked against the search's, the libraries' chatter
-    down for the block, and the one lock of this experiment's storage folder held (checked free before Ray starts).
+def _ray_and_lock(plan: SearchPlan, verbose: int, prepare: Callable[[], T]) -> Iterator[T]:
+    """Ray started here or joined (``plan.address``), its resources checked against the search's, the libraries'
+    chatter down for the block, and the one lock of this experiment's storage folder held (checked free by the plan).
     Yields what ``prepare()`` returned: it runs while a local Ray starts (seconds each: a fresh MLflow store's
     schema, the data), and after ``ray.init`` for a cluster, so a bad address leaves nothing behind."""
-    lock = state.SearchLock(root / exp.name / state.LOCK_FILE)
-    lock.check_free(exp.name)
+    exp, address = plan.experiment, plan.address
     resources = dataclasses.asdict(exp.search.resources)
     local = address is None and not os.environ.get("RAY_ADDRESS")
     if local:                                 # a local Ray gets this machine's CPUs/GPUs
@@ -133,60 +129,59 @@ def _ray_and_lock(exp: Experiment, root: Path, address: str | None, verbose: int
     # automatic per-trial loggers are off too (search/tune/lean.py puts back the one drcaps reads).
     with runtime.quiet_logs(verbose), runtime.scoped_env(
             {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", **lean.LEAN_ENV}, keep_users=True):
-        preflight.check_address(address)      # seconds, not Ray's minutes of retries that ignore Ctrl-C
         with ThreadPoolExecutor(1, thread_name_prefix="drcaps-prepare") as pool:
             prepared = pool.submit(prepare) if local else None
             runtime.init_ray(address, verbose)    # a cluster: before any record, a bad --address leaves nothing
             value = prepared.result() if prepared is not None else prepare()
         preflight.check_resources(resources, runtime.cluster_resources(), address)
-        held = lock.acquire(exp.name)
+        held = state.SearchLock(plan.folder / state.LOCK_FILE).acquire(exp.name)
         try:
             yield value
         finally:
             held.release()
 
 
-def _prepare(exp: Experiment, uri: str) -> Datasets | None:
+def _prepare(plan: SearchPlan) -> Datasets | None:
     """What a search needs before its first record, in seconds each, done while Ray starts: the MLflow store's
     schema and the experiment (a fresh SQLite store takes ~10 s of migrations), the Optuna storage's tables, and
     the data every trial will share (search/tune/trial.py ``shared_datasets``)."""
-    tracking.ensure_experiment(uri, exp.mlflow_experiment)
-    studies.create_optuna_schema(studies.optuna_storage_url(exp, uri))
-    return shared_datasets(exp)
+    tracking.ensure_experiment(plan.tracking_uri, plan.experiment.mlflow_experiment)
+    create_optuna_schema(plan.storage_url)
+    return shared_datasets(plan.experiment)
 
 
-def _open(exp: Experiment, uri: str, root: Path, smoke_test: bool) -> _Search:
-    """A new search: its study name, its Optuna tables, its MLflow parent run (setup, space, versions, files)."""
+def _open(plan: SearchPlan) -> OpenSearch:
+    """A new search: its study name, its MLflow parent run (setup, space, versions, files)."""
     import optuna
     import ray
 
+    exp = plan.experiment
     study_name = state.study_name(exp.name)
-    storage_url = studies.optuna_storage_url(exp, uri)
     parent_run_id = tracking.start_search_run(
-        uri, exp.mlflow_experiment, run_name=study_name, params=search_params(exp),
+        plan.tracking_uri, exp.mlflow_experiment, run_name=study_name, params=search_params(exp),
         tags={"drcaps.study_name": study_name, "drcaps.experiment_file": str(exp.path or ""),
-              **({tracking.SMOKE_TAG: "true"} if smoke_test else {}),
+              "drcaps.optuna_storage": masked(plan.storage_url),
+              **({tracking.SMOKE_TAG: "true"} if plan.smoke_test else {}),
               "git.commit": _git_commit(), "version.ray": ray.__version__, "version.optuna": optuna.__version__,
               "version.torch": torch.__version__, "version.python": platform.python_version()},
         artifacts={"experiment.yaml": exp.path.read_text() if exp.path and exp.path.exists() else "",
                    "resolved_experiment.json": json.dumps(experiment_to_dict(exp), indent=2, default=str),
                    "search_space.json": json.dumps({k: dataclasses.asdict(v) for k, v in exp.search.space.items()},
                                                    indent=2, default=str)})
-    return _Search(exp, uri, root / exp.name, storage_url, study_name, parent_run_id)
+    return OpenSearch(plan, study_name, parent_run_id)
 
 
-def _reopen(exp: Experiment, uri: str, root: Path) -> _Search:
+def _reopen(plan: SearchPlan) -> OpenSearch:
     """The interrupted search of this experiment (its state file): parent run RUNNING again, study in step."""
-    state = json.loads((root / exp.name / STATE_FILE).read_text())
-    search = _Search(exp, uri, root / exp.name, studies.optuna_storage_url(exp, uri), state["study_name"],
-                     state["parent_run_id"])
-    tracking.reopen_run(uri, search.parent_run_id)
+    saved = json.loads((plan.folder / STATE_FILE).read_text())
+    search = OpenSearch(plan, saved["study_name"], saved["parent_run_id"])
+    tracking.reopen_run(search.uri, search.parent_run_id)
     studies.reconcile_study(search.storage_url, search.study_name, search.folder)
     return search
 
 
 @contextlib.contextmanager
-def _killed_on_exit(search: _Search) -> Iterator[None]:
+def _killed_on_exit(search: OpenSearch) -> Iterator[None]:
     try:
         yield
     except BaseException:
@@ -194,7 +189,7 @@ def _killed_on_exit(search: _Search) -> Iterator[None]:
         raise
 
 
-def _tuner(search: _Search, resume: bool, verbose: int, datasets: Datasets | None) -> Any:
+def _tuner(search: OpenSearch, verbose: int, datasets: Datasets | None) -> Any:
     """Tune's ``Tuner``: restored from the search's folder, or new (searcher, scheduler, trial resources; the state
     file written). The data goes into Ray's object store once (``with_parameters``) when every trial uses the same;
     ``reuse_actors`` keeps a trial worker (its process, its imports) for the next trial."""
@@ -205,7 +200,7 @@ def _tuner(search: _Search, resume: bool, verbose: int, datasets: Datasets | Non
     ctx = TrialContext(exp, search.uri, exp.mlflow_experiment, search.parent_run_id, s.resources.cpu, s.resources.gpu)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
                                     {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
-    if resume:
+    if search.plan.resume:
         return tune.Tuner.restore(str(search.folder), trainable, resume_unfinished=True, resume_errored=True)
     tuner = tune.Tuner(
         trainable,
@@ -217,19 +212,19 @@ def _tuner(search: _Search, resume: bool, verbose: int, datasets: Datasets | Non
             scheduler=make_scheduler(exp, exp.run.train.epochs)),
         run_config=tune.RunConfig(
             # Ray's own tables only under -v (verbose 2): the live view (search/progress.py) is the default.
-            name=search.study_name, storage_path=str(search.storage), verbose=0 if verbose < 2 else 2,
+            name=search.study_name, storage_path=str(search.plan.folder), verbose=0 if verbose < 2 else 2,
             callbacks=[live.progress_callback(exp.run.train.epochs), *lean.lean_callbacks()],
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=s.metric,
                                                     checkpoint_score_order=s.mode)))
-    search.storage.mkdir(parents=True, exist_ok=True)
-    (search.storage / STATE_FILE).write_text(json.dumps({
-        "parent_run_id": search.parent_run_id, "study_name": search.study_name, "storage_url": search.storage_url,
-        "tracking_uri": search.uri}))
+    search.plan.folder.mkdir(parents=True, exist_ok=True)
+    (search.plan.folder / STATE_FILE).write_text(json.dumps({
+        "parent_run_id": search.parent_run_id, "study_name": search.study_name,
+        "storage_url": masked(search.storage_url), "tracking_uri": search.uri}))
     return tuner
 
 
-def _fit(tuner: Any, search: _Search, verbose: int) -> Any:
+def _fit(tuner: Any, search: OpenSearch, verbose: int) -> Any:
     """``tuner.fit()`` under the live view; raises KeyboardInterrupt when it ended because of Ctrl-C."""
     import ray
     from ray import tune
@@ -239,13 +234,10 @@ def _fit(tuner: Any, search: _Search, verbose: int) -> Any:
     tune_catches = (not ray.util.client.ray.is_connected()
                     and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")))   # the switch Tune reads
     threading.Thread(target=_warm_end_of_search, name="drcaps-warm", daemon=True).start()
-    live.CURRENT = SearchProgress(s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
-                                  live=None if verbose == 1 else False) if verbose >= 1 else None
-    try:
-        with runtime.tune_interrupt_watch(tune_catches) as interrupted, live.CURRENT or contextlib.nullcontext():
-            results = tuner.fit()
-    finally:
-        live.CURRENT = None
+    view = SearchProgress(s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
+                          live=None if verbose == 1 else False) if verbose >= 1 else None
+    with runtime.tune_interrupt_watch(tune_catches) as interrupted, live.showing(view):
+        results = tuner.fit()
     # Ray Tune handles the first SIGINT itself: it saves the experiment state, stops the trials (in memory they
     # all read TERMINATED now) and fit() RETURNS as if the search had ended. That is an interrupt, to be continued
     # with --resume. Where the watch stays out (Ray Client, TUNE_DISABLE_SIGINT_HANDLER=1, where Tune still stops
@@ -256,16 +248,16 @@ def _fit(tuner: Any, search: _Search, verbose: int) -> Any:
     return results
 
 
-def _close(search: _Search, results: Any) -> SearchResult:
-    """Temporary folders gone, no Optuna trial left open, then the MLflow side (search/tune/results.py)."""
+def _close(search: OpenSearch, results: Any) -> list:
+    """Temporary folders gone, no Optuna trial left open, every MLflow trial run ended: the ranked trials."""
     s = search.exp.search
     # Every trial of this search, those a killed driver lost included (they have an MLflow run, no Ray result).
     remove_temp_folders([str((r.metrics or {}).get("trial_id")) for r in results if (r.metrics or {}).get("trial_id")]
                         + [r.tags["drcaps.trial_id"] for r in tracking.child_runs(search.uri, search.parent_run_id)
                            if r.tags.get("drcaps.trial_id")])
     studies.close_study(search.storage_url, search.study_name, results, s.metric, s.mode)
-    return finish(search.exp, results, search.uri, search.exp.mlflow_experiment, search.parent_run_id,
-                  search.study_name, search.storage_url, str(search.folder))
+    trials = summaries(results, s.metric, s.mode, search.exp.run.train.epochs)
+    return close_trial_runs(search.uri, search.parent_run_id, trials)
 
 
 END_OF_SEARCH_IMPORTS = ("mlflow.pytorch", "mlflow.models", "plotly.express", "plotly.offline", "optuna.visualization",

@@ -3,24 +3,44 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from search.progress import SearchProgress
 from search.tune.searcher import split_config
 from search.tune.trial import FAILURE_KEY
 
-CURRENT: SearchProgress | None = None   # the live view of the search running in this process, if any
+_SHOWN: list[SearchProgress] = []   # the live view of the search running in this process (at most one)
+
+
+@contextlib.contextmanager
+def showing(view: SearchProgress | None) -> Iterator[None]:
+    """Show ``view`` (entered as a context) for the block and route this process's trial events to it. Tune pickles
+    its callbacks with the experiment state and restores them on ``--resume``, so the callback cannot hold the view
+    itself: it asks :func:`current` at each event."""
+    if view is None:
+        yield
+        return
+    _SHOWN.append(view)
+    try:
+        with view:
+            yield
+    finally:
+        _SHOWN.remove(view)
+
+
+def current() -> SearchProgress | None:
+    """The live view of the search running in this process, if any."""
+    return _SHOWN[-1] if _SHOWN else None
 
 
 def progress_callback(max_epochs: int) -> Any:
-    """A Tune callback that forwards trial events to this process's live view (``CURRENT``). It holds no
+    """A Tune callback that forwards trial events to this process's live view (:func:`current`). It holds no
     reference to it, so Tune can pickle it with the experiment state and a resumed search shows its own view."""
     from ray.tune import Callback
 
-    def view() -> SearchProgress | None:
-        from search.tune import live
-
-        return live.CURRENT
+    view = current
 
     def error_line(trial: Any) -> str:
         err = getattr(trial, "error_message", None) or ""

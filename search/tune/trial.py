@@ -1,6 +1,11 @@
 """One trial, in its Ray worker: train the proposed config with ``drcapsnet.train``, report every epoch to Tune and
 to the trial's MLflow run, checkpoint every epoch, and say where its time went.
 
+:func:`run_trial` is what Ray calls; a :class:`TrialRecorder` holds one trial's records (its MLflow run, its time
+breakdown, the best checkpoint's upload, its end), and :class:`WorkerState` what the worker process keeps between
+the trials it runs (``reuse_actors``). A confirmation run (search/tune/confirm.py) is a trial too, with role
+``confirm``: the same training, another seed, its own MLflow run under the search.
+
 Fixed cost kept low (issue 9, benchmarks/trial_overhead.py): the data comes from the driver through Ray's object store
 when every trial trains on the same images; the weights-only best checkpoint is uploaded to MLflow once, at the
 trial's end; Ray keeps the worker for the next trial (``reuse_actors``).
@@ -18,19 +23,22 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from drcapsnet.checkpoint import BEST, LAST
-from drcapsnet.config import DataConfig
+from drcapsnet.config import DataConfig, RunConfig
 from drcapsnet.data import Datasets, load_datasets
 from drcapsnet.errors import DivergedError, DrcapsError
 from drcapsnet.train import train
 from search import tracking
 from search.experiment import Experiment
-from search.space import apply_params
+from search.space import trial_run
 from search.tune.searcher import split_config, trial_run_name
+
+FAILURE_KEY = "drcaps_failure"   # in a trial's last report: why it failed without raising (e.g. diverged at epoch E)
+CONFIRM_SEED = "drcaps_confirm_seed"   # config key of a confirmation run: its seed index (1, 2, ...)
 
 
 @dataclass(frozen=True)
@@ -43,19 +51,35 @@ class TrialContext:
     parent_run_id: str
     cpus: float
     gpus: float
+    resplit: bool = False             # confirmation runs: a fresh validation split per seed
 
 
-# Worker-process state (a Ray actor runs several trials with reuse_actors): when its last trial ended, how many it
-# ran, and the trials still writing their MLflow records, which an exiting actor waits for (see _trial).
-_WORKER: dict[str, Any] = {"idle_since": None, "trials": 0}
-_ENDING: list[threading.Event] = []
+@dataclass
+class WorkerState:
+    """What a Ray worker process keeps between its trials: when its last trial ended, how many it ran, and the
+    trials still writing their MLflow records, which an exiting worker waits for (atexit)."""
+
+    idle_since: float | None = None
+    trials: int = 0
+    ending: list[threading.Event] = field(default_factory=list)
+
+    def start(self) -> float:
+        """Count a trial in; the seconds since this process started (first trial) or since its last trial."""
+        self.trials += 1
+        if self.idle_since is None:
+            import psutil  # vendored by Ray (ray/thirdparty_files, on sys.path once ray is imported)
+            atexit.register(self.wait_for_ending)
+            return max(0.0, time.time() - psutil.Process().create_time())
+        return time.perf_counter() - self.idle_since
+
+    def wait_for_ending(self) -> None:
+        """Ray ends an actor gracefully (atexit runs, daemon threads die with the process): let a trial stopped
+        inside ``tune.report`` finish its end-of-trial upload first."""
+        for done in list(self.ending):
+            done.wait(timeout=60.0)
 
 
-def _wait_for_ending_trials() -> None:
-    """atexit in a trial worker: Ray ends an actor gracefully (atexit runs, daemon threads die with the process);
-    let a trial stopped inside ``tune.report`` finish its end-of-trial upload first."""
-    for done in list(_ENDING):
-        done.wait(timeout=60.0)
+WORKER = WorkerState()   # this process's (a Ray actor runs several trials with reuse_actors)
 
 
 def same_data(a: DataConfig, b: DataConfig) -> bool:
@@ -76,155 +100,167 @@ def shared_datasets(exp: Experiment) -> Datasets | None:
         return None
 
 
-def run_trial(params: dict[str, Any], ctx: TrialContext, datasets: Datasets | None = None) -> None:
-    """One Ray trial: train with the proposed params, report each epoch to Tune and MLflow, checkpoint each epoch.
+class TrialRecorder:
+    """One trial's records: its MLflow run (found again when Ray restarts it), the per-epoch report to MLflow and
+    Tune with the checkpoint, the best checkpoint's one upload, its end (once), and the ``perf_*_s`` breakdown
+    (start-up, data, train, eval, checkpoint, mlflow, tune, teardown) logged at step 0 when it closes."""
 
-    Fixed cost kept low (issue 9, benchmarks/trial_overhead.py): the data comes from the driver through the object
-    store when it is the same for every trial; the weights-only best checkpoint is uploaded to MLflow once, at the
-    trial's end; Ray keeps the actor for the next trial (``reuse_actors``). ``perf_*_s`` counters, logged to the
-    trial's MLflow run at its end (step 0), say where its time went (start-up, data, train, eval, checkpoint,
-    mlflow, tune, teardown); Tune's results carry only the epoch's metrics (search/tune/lean.py)."""
-    from ray import tune
+    def __init__(self, ctx: TrialContext, config: dict[str, Any], startup: float) -> None:
+        from ray import tune
 
-    entry = time.perf_counter()
-    if _WORKER["idle_since"] is None:                          # first trial of this process: since it started
-        import psutil  # vendored by Ray (ray/thirdparty_files, on sys.path once ray is imported, as above)
-        startup = max(0.0, time.time() - psutil.Process().create_time())
-        atexit.register(_wait_for_ending_trials)
-    else:
-        startup = entry - _WORKER["idle_since"]
-    _WORKER["trials"] += 1
-    # A stopped trial's thread gets SystemExit inside tune.report and then uploads its best checkpoint; Tune waits
-    # this long (its default: 2 s) before giving up on reusing the actor. Read by Ray in this process.
-    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
-    perf = {"perf_startup_s": startup, "perf_data_s": 0.0, "perf_train_s": 0.0, "perf_eval_s": 0.0,
-            "perf_ckpt_s": 0.0, "perf_mlflow_s": 0.0, "perf_tune_s": 0.0}
+        self.entry = time.perf_counter()
+        self.perf = {"perf_startup_s": startup, "perf_data_s": 0.0, "perf_train_s": 0.0, "perf_eval_s": 0.0,
+                     "perf_ckpt_s": 0.0, "perf_mlflow_s": 0.0, "perf_tune_s": 0.0}
+        self.ctx, self.trial_id = ctx, tune.get_context().get_trial_id()
+        seed = config.pop(CONFIRM_SEED, None)
+        self.params, self.number = split_config(config)
+        self.run: RunConfig = trial_run(ctx.experiment, self.params, ctx.cpus, ctx.gpus, confirm_seed=seed,
+                                        resplit=ctx.resplit)
+        names = list(ctx.experiment.search.space)
+        name = trial_run_name(self.number, self.params, names) if self.number is not None \
+            else tune.get_context().get_trial_name()
+        tags = {} if seed is None else {"drcaps.role": "confirm", "drcaps.confirm_seed": str(seed),
+                                        "drcaps.confirms_trial": str(self.number)}
+        with self.timing("perf_mlflow_s"):
+            self.run_id = tracking.find_or_create_trial_run(
+                ctx.tracking_uri, ctx.mlflow_experiment, parent_run_id=ctx.parent_run_id, trial_id=self.trial_id,
+                run_name=name if seed is None else f"confirm {name.removeprefix('trial ')} seed {seed}",
+                params=self.run.flat(), tags=tags)
+        self.logger = tracking.TrialLogger(ctx.tracking_uri, self.run_id)
+        self.work = Path(tempfile.mkdtemp(prefix=f"drcaps-{self.trial_id}-"))
+        self.ended = self.uploaded = False
+        self.logged, self.resume = 0, None
+        self.mark, self.stopped_at = time.perf_counter(), None
+        self.n_train = 0
 
     @contextlib.contextmanager
-    def timing(key: str) -> Iterator[None]:
+    def timing(self, key: str) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            perf[key] += time.perf_counter() - t0
+            self.perf[key] += time.perf_counter() - t0
 
-    done = threading.Event()
-    _ENDING.append(done)
-    trial_id = tune.get_context().get_trial_id()
-    params, number = split_config(params)
-    run = apply_params(ctx.experiment, params)
-    device = run.train.device if ctx.gpus > 0 else "cpu"
-    run = dataclasses.replace(run, train=dataclasses.replace(
-        run.train, num_threads=max(1, int(ctx.cpus)), device=device))
-    with timing("perf_mlflow_s"):
-        run_id = tracking.find_or_create_trial_run(
-            ctx.tracking_uri, ctx.mlflow_experiment, parent_run_id=ctx.parent_run_id, trial_id=trial_id,
-            run_name=trial_run_name(number, params, list(ctx.experiment.search.space)) if number is not None
-            else tune.get_context().get_trial_name(), params=run.flat())
-    logger = tracking.TrialLogger(ctx.tracking_uri, run_id)
-    remove_temp_folders([trial_id])                          # a killed earlier attempt of this trial left them
-    work = Path(tempfile.mkdtemp(prefix=f"drcaps-{trial_id}-"))
-    resume = None
-    restored = tune.get_checkpoint()
-    with timing("perf_mlflow_s"):
-        # Epochs an earlier attempt logged and Ray's checkpoint does not hold are trained again: log each step once.
-        logged = max((step for step, _ in tracking.metric_history(ctx.tracking_uri, run_id, "epoch")), default=0) \
-            if restored is not None else 0
-    if restored is not None:                                  # Ray restarted this trial: continue, don't start over
-        with restored.as_directory() as d:
-            shutil.copy2(Path(d) / LAST, work / LAST)
-        resume = work / LAST
-    with timing("perf_mlflow_s"):
-        logger.set_tags(node_tags(resume))
-    with timing("perf_data_s"):
-        data = datasets if datasets is not None and same_data(ctx.experiment.run.data, run.data) \
-            else load_datasets(run.data)
-    n_train = len(data.train.labels)
+    def restore(self) -> None:
+        """Ray restarted this trial: continue from its checkpoint; epochs an earlier attempt logged to MLflow and
+        the checkpoint does not hold are trained again, and logged once."""
+        from ray import tune
 
-    ended, uploaded = False, False
-    mark = time.perf_counter()
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            with self.timing("perf_mlflow_s"):
+                self.logged = max((step for step, _ in tracking.metric_history(
+                    self.ctx.tracking_uri, self.run_id, "epoch")), default=0)
+            with restored.as_directory() as d:
+                shutil.copy2(Path(d) / LAST, self.work / LAST)
+            self.resume = self.work / LAST
+        with self.timing("perf_mlflow_s"):
+            self.logger.set_tags(node_tags(self.resume))
 
-    def upload_best() -> None:                                # once per trial, at its end
-        nonlocal uploaded
-        if not uploaded and (work / BEST).exists():
-            with timing("perf_mlflow_s"):
-                logger.log_artifact(work / BEST, "checkpoint")
-        uploaded = True
+    def data(self, shared: Datasets | None) -> Datasets:
+        with self.timing("perf_data_s"):
+            data = shared if shared is not None and same_data(self.ctx.experiment.run.data, self.run.data) \
+                else load_datasets(self.run.data)
+        self.n_train = len(data.train.labels)
+        return data
 
-    def report(metrics: dict[str, float]) -> None:
-        # Ray may stop this trial inside tune.report (ASHA stops every trial at max_t, the last epoch): a trial that
-        # ran all its epochs writes everything MLflow needs BEFORE Ray gets control back.
-        nonlocal ended, mark
+    def upload_best(self) -> None:
+        """The best checkpoint (``best.pt``) to MLflow, once per trial, at its end."""
+        if not self.uploaded and (self.work / BEST).exists():
+            with self.timing("perf_mlflow_s"):
+                self.logger.log_artifact(self.work / BEST, "checkpoint")
+        self.uploaded = True
+
+    def end(self, status: str, reason: str | None = None, outcome: str | None = None) -> None:
+        """The MLflow run's end, once, with the best checkpoint uploaded first."""
+        if self.stopped_at is None:
+            self.stopped_at = time.perf_counter()
+        if not self.ended:
+            self.upload_best()
+            with self.timing("perf_mlflow_s"):
+                self.logger.end(status, reason=reason, outcome=outcome)   # type: ignore[arg-type]
+        self.ended = True
+
+    def report(self, metrics: dict[str, float]) -> None:
+        """``train``'s per-epoch callback. Ray may stop this trial inside ``tune.report`` (ASHA stops every trial at
+        max_t, the last epoch): a trial that ran all its epochs writes everything MLflow needs BEFORE Ray gets
+        control back."""
+        from ray import tune
+
         now = time.perf_counter()
-        train_s = n_train / metrics["images_per_s"]
-        perf["perf_train_s"] += train_s
-        perf["perf_eval_s"] += max(0.0, metrics["epoch_s"] - train_s)
-        perf["perf_ckpt_s"] += max(0.0, now - mark - metrics["epoch_s"])   # last.pt/best.pt written by train
-        if int(metrics["epoch"]) > logged:
-            with timing("perf_mlflow_s"):
-                logger.log_epoch(metrics, step=int(metrics["epoch"]))
-        if metrics["epoch"] >= run.train.epochs:
-            upload_best()
-            with timing("perf_mlflow_s"):
-                logger.end("FINISHED")
-            ended = True
+        train_s = self.n_train / metrics["images_per_s"]
+        self.perf["perf_train_s"] += train_s
+        self.perf["perf_eval_s"] += max(0.0, metrics["epoch_s"] - train_s)
+        self.perf["perf_ckpt_s"] += max(0.0, now - self.mark - metrics["epoch_s"])   # last.pt/best.pt by train
+        if int(metrics["epoch"]) > self.logged:
+            with self.timing("perf_mlflow_s"):
+                self.logger.log_epoch(metrics, step=int(metrics["epoch"]))
+        if metrics["epoch"] >= self.run.train.epochs:
+            self.end("FINISHED")
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix=f"drcaps-{trial_id}-ckpt-") as d:
-            os.link(work / LAST, Path(d) / LAST)              # only last.pt goes to Ray
+        with tempfile.TemporaryDirectory(prefix=f"drcaps-{self.trial_id}-ckpt-") as d:
+            os.link(self.work / LAST, Path(d) / LAST)          # only last.pt goes to Ray
             checkpoint = tune.Checkpoint.from_directory(d)
-            perf["perf_ckpt_s"] += time.perf_counter() - t0
-            with timing("perf_tune_s"):                       # hand-off to Tune, which persists the checkpoint
-                tune.report({**metrics, "mlflow_run_id": run_id}, checkpoint=checkpoint)
-        mark = time.perf_counter()
+            self.perf["perf_ckpt_s"] += time.perf_counter() - t0
+            with self.timing("perf_tune_s"):                   # hand-off to Tune, which persists the checkpoint
+                tune.report({**metrics, "mlflow_run_id": self.run_id}, checkpoint=checkpoint)
+        self.mark = time.perf_counter()
 
-    stopped_at = None                                         # when training ended: teardown starts there
+    def close(self) -> None:
+        """The working folder gone and the whole breakdown logged once more, the trial's end as teardown."""
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.perf["perf_teardown_s"] = time.perf_counter() - (self.stopped_at or self.mark)
+        self.perf["perf_wall_s"] = time.perf_counter() - self.entry + self.perf["perf_startup_s"]
+        with contextlib.suppress(Exception):                  # never hide the trial's own outcome
+            self.logger.log_epoch({**self.perf, "perf_worker_trials": WORKER.trials}, step=0)
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext, datasets: Datasets | None = None) -> None:
+    """One Ray trial: train with the proposed params, report each epoch to Tune and MLflow, checkpoint each epoch;
+    a stop by Ray, a divergence and a crash each end the MLflow run once, with its outcome."""
+    from ray import tune
+
+    startup = WORKER.start()
+    # A stopped trial's thread gets SystemExit inside tune.report and then uploads its best checkpoint; Tune waits
+    # this long (its default: 2 s) before giving up on reusing the actor. Read by Ray in this process.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+    trial = TrialRecorder(ctx, dict(params), startup)
+    done = threading.Event()
+    WORKER.ending.append(done)
     try:
-        train(run.model, run.data, run.train, report, checkpoint_dir=work, resume=resume, datasets=data)
-        stopped_at = time.perf_counter()
+        remove_temp_folders([trial.trial_id], keep=trial.work)   # a killed earlier attempt of this trial left them
+        trial.restore()
+        data = trial.data(datasets)
+        run = trial.run
+        train(run.model, run.data, run.train, trial.report, checkpoint_dir=trial.work, resume=trial.resume,
+              datasets=data)
+        trial.stopped_at = time.perf_counter()
     except SystemExit:                   # Ray stopped this trial inside tune.report: the scheduler, or Ctrl-C
-        stopped_at = time.perf_counter()
-        if not ended:                    # the driver's _finish records a scheduler's stop as stopped_early
-            upload_best()
-            logger.end("KILLED", outcome="interrupted")
-        ended = True
+        trial.end("KILLED", outcome="interrupted")   # the driver records a scheduler's stop as stopped_early
         raise
     except DivergedError as e:           # deterministic: a retry from the last checkpoint would diverge again
-        stopped_at = time.perf_counter()
-        if not ended:
-            upload_best()
-            logger.end("FAILED", reason=str(e))
-        ended = True
+        trial.end("FAILED", reason=str(e))
         # Not raised to Ray, which would retry it (search.max_failures, -1 = forever): one last report carries the
         # metric as NaN (the searcher tells Optuna FAIL) and the reason (FAILURE_KEY: the ranking counts it failed).
         tune.report({"epoch": e.epoch, ctx.experiment.search.metric: math.nan, FAILURE_KEY: str(e),
-                     "mlflow_run_id": run_id})
+                     "mlflow_run_id": trial.run_id})
     except BaseException as e:
-        stopped_at = time.perf_counter()
-        if not ended:
-            upload_best()
-            logger.end("FAILED", reason=str(e) if isinstance(e, DrcapsError) else f"{type(e).__name__}: {e}")
-        ended = True
+        trial.end("FAILED", reason=str(e) if isinstance(e, DrcapsError) else f"{type(e).__name__}: {e}")
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        # The whole breakdown once more, with the end of the trial (upload, end of run, clean-up) as teardown.
-        perf["perf_teardown_s"] = time.perf_counter() - (stopped_at or mark)
-        perf["perf_wall_s"] = time.perf_counter() - entry + startup
-        with contextlib.suppress(Exception):                  # never hide the trial's own outcome
-            logger.log_epoch({**perf, "perf_worker_trials": _WORKER["trials"]}, step=0)
-        _WORKER["idle_since"] = time.perf_counter()
+        trial.close()
+        WORKER.idle_since = time.perf_counter()
         done.set()
-        _ENDING.remove(done)
+        WORKER.ending.remove(done)
 
 
-FAILURE_KEY = "drcaps_failure"   # in a trial's last report: why it failed without raising (e.g. diverged at epoch E)
-
-
-def remove_temp_folders(trial_ids: list[str]) -> None:
-    """Delete this machine's temporary folders of these trials (``drcaps-<trial id>-*``), e.g. of a killed try."""
+def remove_temp_folders(trial_ids: list[str], keep: Path | None = None) -> None:
+    """Delete this machine's temporary folders of these trials (``drcaps-<trial id>-*``), e.g. of a killed try;
+    ``keep``: the running attempt's own."""
     for trial_id in trial_ids:
         for path in Path(tempfile.gettempdir()).glob(f"drcaps-{trial_id}-*"):
-            shutil.rmtree(path, ignore_errors=True)
+            if keep is None or path != keep:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def node_tags(resumed_from: Path | None) -> dict[str, str]:

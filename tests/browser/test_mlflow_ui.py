@@ -1,6 +1,6 @@
 """The MLflow UI over a real small search, read in headless Chromium as a user reads it.
 
-A real search (tests/search/test_tune.py's 4 trials x 2 epochs, local Ray, SQLite stores) fills a fresh MLflow store;
+The session's real search (tests/conftest.py: 4 trials x 2 epochs, local Ray, SQLite stores) fills a fresh MLflow store;
 ``mlflow server`` serves it on 127.0.0.1 (a free port); Debian's Chromium (/usr/bin/chromium, driven by Playwright
 for Python, no browser download; ``scripts/setup-browser.sh`` installs it) opens the pages. Each test saves a
 screenshot under ``test-output/browser/`` (git-ignored), printed at the start.
@@ -18,10 +18,8 @@ from typing import Any
 import pytest
 
 from search import tracking
+from search.publish import SearchResult
 from search.report import FIGURES
-from search.tune import SearchResult
-from tests.search.test_tune import _experiment
-from tests.searches import search_once
 from tests.servers import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,9 +33,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory: pytest.TempPathFactory) -> SearchResult:
-    tmp = tmp_path_factory.mktemp("browser")
-    return search_once(_experiment(tmp), tmp)
+def searched(searched: tuple[SearchResult, Path]) -> SearchResult:
+    """The session's one real search (tests/conftest.py)."""
+    return searched[0]
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +183,23 @@ def test_the_registered_model_shows_best_linked_to_its_run(searched, server, bro
     assert page.get_by_text("Not registered", exact=True).count() == 0, "the logged model page offers to register"
     assert page.locator(f'a[href*="/models/{name}"]').count() >= 1, "no link to the registered model"
     assert page.get_by_text(re.compile(rf"^v{version['version']}$")).count() >= 1, "no version shown"
+
+
+def test_a_printed_link_opens_the_model_training_view(searched, server, browser):
+    """In a fresh browser MLflow 3.17 shows an experiment in its GenAI view (traces, evaluation runs), where a
+    search's runs sit behind the "Model training" toggle; the view is chosen by the URL's ``workflowType`` query
+    parameter, else by the browser's localStorage. The links drcaps prints (``tracking.run_url``) carry it: the
+    run's page opens with the model-training sidebar, whose Runs entry lists the search."""
+    page, uri = browser, searched.tracking_uri
+    parent = tracking.get_run(uri, searched.parent_run_id)
+    link = tracking.run_url(uri, parent.run_id, ui=server)
+    assert link.endswith(f"/runs/{parent.run_id}?workflowType=machine_learning"), link
+    _open(page, link.partition("?")[0], "About this run")           # without it: the GenAI view, as reported
+    page.get_by_text("Evaluation runs", exact=True).first.wait_for(timeout=WAIT_MS)
+    _open(page, link, "About this run")
+    page.get_by_text("Model registry", exact=True).first.wait_for(timeout=WAIT_MS)
+    _shot(page, "0-printed-link-model-training")
+    assert page.get_by_text("Evaluation runs", exact=True).count() == 0, "still the GenAI view"
+    page.locator('a[href$="/runs?workflowType=machine_learning"]').first.click()     # the sidebar's Runs
+    page.get_by_text(_name(parent), exact=True).first.wait_for(timeout=WAIT_MS)
+    _shot(page, "0-printed-link-runs")

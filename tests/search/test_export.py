@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,8 +46,26 @@ def test_best_experiment_applies_params_and_records_the_result() -> None:
     b = best()
     assert b.run == apply_params(source(), PARAMS)
     assert b.search == source().search and b.tracking == source().tracking and b.name == "src"
+    versions = b.result.pop("versions")
     assert b.result == {"metrics": METRICS, "params": PARAMS, "mlflow_run_id": "r123",
                         "model_uri": "models:/src-capsnet/1", "trial_id": "t_0001", "source_experiment": "src"}
+    assert {"python", "torch", "drcaps"} <= versions.keys() and all(isinstance(v, str) for v in versions.values())
+
+
+def test_the_export_carries_the_config_the_trial_trained_exactly() -> None:
+    """The trial ran on 1 CPU thread and the CPU: the export says so, so a retrain sums in the same order."""
+    from search.space import trial_run
+
+    exp = source()
+    run = trial_run(exp, PARAMS, cpus=1, gpus=0)
+    b = best_experiment(exp, PARAMS, metrics=METRICS, run_id="r", model_uri=None, run=run,
+                        extra={"search_value": 0.9,
+                               "confirmed": {"metric": "val_acc", "mean": 0.8, "std": 0.1, "n": 3}})
+    assert b.run.train.num_threads == 1 and b.run.train.device == "cpu" and b.run == run
+    assert b.result["search_value"] == 0.9 and b.result["confirmed"]["n"] == 3
+    confirmed = trial_run(exp, PARAMS, cpus=2, gpus=0, confirm_seed=2, resplit=True)
+    assert confirmed.train.seed == exp.run.train.seed + 2000 and confirmed.data.split_seed == \
+        exp.run.data.split_seed + 2000 and confirmed.train.num_threads == 2
 
 
 def test_numpy_values_become_plain_python() -> None:
@@ -116,7 +135,12 @@ def test_export_from_tracking_writes_the_best_trial_of_the_latest_search(tmp_pat
                                                                          recorded: list[tuple[str, ...]]) -> None:
     path, chosen = export_from_tracking("sqlite:///x.db", "src-exp", tmp_path / "b.json", csv=tmp_path / "t.csv")
     assert recorded == [("artifact", "p1", "resolved_experiment.json"), ("best", "src-exp", "val_acc", "max", "p1")]
-    assert chosen == best() and load_experiment(path) == best()
+    from search.space import trial_run
+
+    s = source().search        # the export holds what the trial trained: its threads and device too
+    expected = dataclasses.replace(best(), run=trial_run(source(), PARAMS, s.resources.cpu, s.resources.gpu))
+    assert chosen.run.train.num_threads == max(1, int(s.resources.cpu)) and chosen.run.train.device == "cpu"
+    assert chosen == expected and load_experiment(path) == expected
     assert path.read_text().startswith("{")                        # the format follows the suffix
     assert (tmp_path / "t.csv").read_text().splitlines() == ["run_id", "r123", "r9"]
 

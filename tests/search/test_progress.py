@@ -6,7 +6,8 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.progress import SearchProgress, format_duration, format_params, summary_lines
+from search.progress import SearchProgress, format_duration, format_params
+from search.publish.outputs import summary_lines
 
 NAMES = ["train.lr", "model.units"]
 
@@ -126,6 +127,8 @@ class _Result:
     trials: list[_Trial]
     model_uri: str | None = "models:/x-capsnet@best"
     experiment: Any = field(default=None)
+    confirmed: dict[int, dict[str, float]] = field(default_factory=dict)
+    raw_best: Any = None
 
     @property
     def best(self) -> _Trial:
@@ -153,7 +156,7 @@ def test_the_summary_ranks_trials_and_gives_every_path_and_link():
 
 
 def test_a_failed_trial_says_why_in_the_ranking():
-    from search.progress import outcome_label
+    from search.publish.outputs import outcome_label
 
     assert outcome_label("failed", "Traceback...\ndrcapsnet.errors.DivergedError: diverged at epoch 3") == \
         "failed: diverged at epoch 3"

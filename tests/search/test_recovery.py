@@ -23,7 +23,8 @@ import pytest
 
 from search import tracking
 from search.experiment import experiment_from_dict
-from search.tune import STATE_FILE, run_search
+from search.state import STATE_FILE
+from tests.searches import search_once
 
 DRCAPS = Path(sys.executable).parent / "drcaps"
 WORKER_TITLE = "ray::ImplicitFunc"      # setproctitle of a function trainable's actor; ".train" while in a step
@@ -121,7 +122,7 @@ def test_crashed_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(tmp_pa
     killer = threading.Thread(target=_kill_trial_worker, args=(tmp_path / "ray" / exp.name, kill, done), daemon=True)
     killer.start()
     try:
-        result = run_search(exp, storage_path=tmp_path / "ray", verbose=0)
+        result = search_once(exp, tmp_path)
     finally:
         done.set()
         killer.join(timeout=10)

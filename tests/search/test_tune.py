@@ -20,10 +20,12 @@ from drcapsnet.checkpoint import load_model
 from drcapsnet.data import load_datasets
 from drcapsnet.train import evaluate
 from search import tracking
+from search.errors import ClusterError
 from search.experiment import experiment_from_dict, load_experiment
 from search.export import export_from_tracking
+from search.publish import SearchResult
 from search.space import apply_params
-from search.tune import ClusterError, SearchResult, init_ray, make_searcher, tune_interrupt_watch
+from search.tune import init_ray, make_searcher, tune_interrupt_watch
 
 SPACE = {
     "model.routing_iterations": {"type": "int", "low": 1, "high": 3},
