@@ -2,7 +2,7 @@
 
 Before issue 8, Ray's OptunaSearch told Optuna every stopped trial as COMPLETE with its LAST value (an early,
 low accuracy, as if the configuration had been trained in full); drcaps now tells it PRUNED with every epoch's
-intermediate value (``search/tune/searcher.py``: ``_searcher_class``). This benchmark runs both ways side by side,
+intermediate value (``search/tune/study_searcher.py``: ``StudySearcher``). This benchmark runs both ways side by side,
 on the same seeds, with the sampler drcaps builds (``search.space.make_sampler("tpe")``) and ASHA-like stopping
 (Optuna's SuccessiveHalvingPruner, grace 1 epoch, reduction factor 2, as the quickstart), over SYNTHETIC learning curves
 shaped like the quickstart's (accuracy rises with epochs at a rate set by lr and momentum, peaks at one lr, and

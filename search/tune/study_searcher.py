@@ -109,10 +109,10 @@ class StudySearcher(Searcher):
             with warnings.catch_warnings():        # "experimental" since Optuna 3.2; the Dashboard shows the names
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(self._metrics))
-        if not self._enqueued:
+        if not self._enqueued and not study.get_trials(deepcopy=False):   # a study that has trials had them
             for point in self._enqueue:
                 study.enqueue_trial(point)
-            self._enqueued = True
+        self._enqueued = True
         self._study, self._backend = study, backend
         self._study_id = backend.get_study_id_from_name(self._study_name)
 

@@ -81,6 +81,9 @@ def test_the_enqueued_points_come_first(tmp_path: Path) -> None:
     got = [searcher.suggest(f"t{i}") for i in range(3)]
     assert got[:2] == [{**p, TRIAL_NUMBER: i} for i, p in enumerate(points)]
     assert got[2][TRIAL_NUMBER] == 2 and set(got[2]) == {*SPACE, TRIAL_NUMBER}
+    # Tune restored from its tuner.pkl alone (no searcher checkpoint): the study is not given the points again.
+    again = make_searcher(_experiment(tmp_path, enqueue=points), "s", _url(tmp_path))
+    assert again.suggest("t3")[TRIAL_NUMBER] == 3 and len(again.study.trials) == 4
 
 
 def test_outcomes_values_curves_and_links(tmp_path: Path) -> None:
