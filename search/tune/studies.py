@@ -10,11 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from search import ranking
-from search.storage import OPTUNA_STORAGE_ENV, create_optuna_schema, optuna_storage_url, tuned_optuna_storage
+from search.storage import tuned_optuna_storage
 from search.tune.searcher import FAILURE_KEY, TRIAL_NUMBER
-
-__all__ = ["OPTUNA_STORAGE_ENV", "close_study", "create_optuna_schema", "optuna_storage_url", "reconcile_study",
-           "release_orphans"]   # the storage's three names: search/storage.py's, here until lifecycle.py imports them
 
 
 def reconcile_study(storage_url: str, study_name: str, exp_dir: Path) -> None:
