@@ -59,7 +59,7 @@ def ui_command(*, tracking_uri: str | None = None, port: int = 5000) -> int:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UsageError(f"--tracking-uri: no MLflow store at {uri.removeprefix('sqlite:///')}; run "
                          "'drcaps search experiments/quickstart.yaml' first or pass --tracking-uri")
-    tracking.check_tracking_uri(uri)
+    tracking.check_tracking_uri(uri, writing=False)   # reading: no free-space floor (search/stores.py)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
     print(f"MLflow UI on http://127.0.0.1:{port} over {uri} (Ctrl-C to stop)", flush=True)
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)])
