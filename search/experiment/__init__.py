@@ -36,19 +36,18 @@ from search.experiment.files import (
 from search.experiment.overrides import parse_override
 from search.experiment.schema import (
     METRICS,
-    PARAM_TYPES,
     SAMPLERS,
     SCHEDULERS,
     SECTIONS,
     TOP_LEVEL,
     ConfirmConfig,
     Experiment,
-    ParamSpec,
     ResourcesConfig,
     SchedulerConfig,
     SearchConfig,
     TrackingConfig,
 )
+from search.experiment.space_spec import PARAM_TYPES, ParamSpec
 from search.experiment.validate import experiment_from_dict, run_config_from_dict
 from search.experiment.yaml12 import load_yaml
 

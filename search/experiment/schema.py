@@ -9,7 +9,6 @@ reporting every problem of it at once is ``search/experiment/validate.py``'s job
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,11 +16,11 @@ from typing import Any, Literal
 from drcapsnet.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from drcapsnet.errors import Problem, need, raise_problems
 from search.experiment.objectives import measured_costs, objective_pairs, objective_problems
+from search.experiment.space_spec import ParamSpec, is_number
 
 METRICS: tuple[str, ...] = ("val_acc", "val_loss", "train_loss", "test_acc", "test_loss", "images_per_s", "epoch_s")
 SAMPLERS: tuple[str, ...] = ("tpe", "random", "cmaes", "gp", "qmc", "nsga2")
 SCHEDULERS: tuple[str, ...] = ("asha", "median", "none")
-PARAM_TYPES: tuple[str, ...] = ("float", "int", "categorical")
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 TOP_LEVEL: tuple[str, ...] = ("name", "model", "data", "train", "search", "tracking", "result")
 
@@ -30,11 +29,6 @@ _NAME = re.compile(r"[A-Za-z0-9._-]+")
 # that must fit the filesystem's 255 bytes, and MLflow names (``<name>-capsnet-smoke``, run names) that must fit its
 # 250-character columns: 128 leaves room for every suffix.
 MAX_NAME_BYTES = 128
-
-
-def is_number(value: object) -> bool:
-    """An int or a float, not a bool (YAML's true is not 1 here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _whole_or_fraction(value: float) -> bool:
@@ -68,66 +62,6 @@ def grace_period_problem(scheduler: SchedulerConfig, epochs: int) -> Problem | N
                    f"{scheduler.grace_period} is not below train.epochs ({epochs}), so {scheduler.name} would never "
                    f"stop a trial; {f'set it below {epochs}, ' if epochs > 1 else ''}raise train.epochs, or set "
                    "search.scheduler.name: none")
-
-
-def param_problems(type_: str, low: Any, high: Any, log: bool, step: Any, choices: Sequence[Any]) -> list[Problem]:
-    """Problems of one search-space entry; fields are relative to the entry (``low``; ``""``: the entry as a
-    whole), because an entry does not know its own name."""
-    out: list[Problem] = []
-    if type_ == "categorical":
-        out += [Problem(key, "only for type float or int") for key, v in (("low", low), ("high", high), ("step", step))
-                if v is not None]
-        if log:
-            out.append(Problem("log", "only for type float or int"))
-        if not choices:
-            out.append(Problem("choices", "required for type categorical, a non-empty list"))
-        bad = [c for c in choices if c is not None and not isinstance(c, (bool, int, float, str))]
-        if bad:
-            out.append(Problem("choices", f"must be null, booleans, numbers or strings (optuna), got {bad!r}"))
-        return out
-    if choices:
-        out.append(Problem("choices", "only for type categorical"))
-    kind = "an integer" if type_ == "int" else "a number"
-    for key, v in (("low", low), ("high", high)):
-        if v is None:
-            out.append(Problem(key, f"required for type {type_}"))
-        elif not is_number(v) or (type_ == "int" and not isinstance(v, int)):
-            out.append(Problem(key, f"expected {kind}, got {v!r}"))
-    if not out and low >= high:
-        out.append(Problem("", f"low must be < high, got low={low!r}, high={high!r}"))
-    if log and is_number(low) and low <= 0:
-        out.append(Problem("log", f"needs low > 0, got low={low!r}"))
-    if step is not None:
-        if not is_number(step) or step <= 0 or (type_ == "int" and not isinstance(step, int)):
-            out.append(Problem("step", f"must be {kind} > 0, got {step!r}"))
-        elif log and (type_ == "float" or step != 1):
-            out.append(Problem("", "log and step cannot be combined (optuna)"))
-    return out
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One search-space entry: ``{type: float, low: 1.0e-4, high: 1.0e-1, log: true}``."""
-
-    type: Literal["float", "int", "categorical"]
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    choices: tuple[Any, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "choices", tuple(self.choices))
-        raise_problems(self.problems())
-        if self.type == "float":                           # 0 and 1 read from YAML are ints; keep floats floats
-            for name in ("low", "high", "step"):
-                if getattr(self, name) is not None:
-                    object.__setattr__(self, name, float(getattr(self, name)))
-
-    def problems(self) -> list[Problem]:
-        if self.type not in PARAM_TYPES:
-            return [Problem("type", f"must be one of {', '.join(PARAM_TYPES)}, got {self.type!r}")]
-        return param_problems(self.type, self.low, self.high, self.log, self.step, self.choices)
 
 
 @dataclass(frozen=True)

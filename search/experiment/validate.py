@@ -9,118 +9,30 @@ fields. Nothing here depends on the wording of a message.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from drcapsnet.config import MODEL_PRESETS, ModelConfig, RunConfig
-from drcapsnet.errors import ConfigError, Problem  # an experiment is wrong: one problem per line, "path.key: what"
+from drcapsnet.errors import ConfigError  # an experiment is wrong: one problem per line, "path.key: what"
+from search.experiment.checks import checked, construct, mapping, placed, suggest, type_problem
 from search.experiment.objectives import first_objective_defaults
 from search.experiment.overrides import apply_override
 from search.experiment.schema import (
-    PARAM_TYPES,
     SECTIONS,
     TOP_LEVEL,
     ConfirmConfig,
     Experiment,
-    ParamSpec,
     ResourcesConfig,
     SchedulerConfig,
     SearchConfig,
     TrackingConfig,
     grace_period_problem,
-    is_number,
     name_problem,
 )
-
-# ---------------------------------------------------------------------------------------------------- type checks
-
-def _type_problem(value: Any, hint: Any) -> str | None:
-    """Why ``value`` does not fit the type hint ``hint``, or None when it does."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return None
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        problems = [_type_problem(value, a) for a in args if a is not type(None)]
-        return None if None in problems else problems[0]
-    if origin is Literal:
-        return None if value in args else f"must be one of {', '.join(map(str, args))}, got {value!r}"
-    if hint is bool:
-        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else f"expected an integer, got {value!r}"
-    if hint is float:
-        if is_number(value):
-            return None
-        return f"expected a number, got {value!r}"
-    if hint is str:
-        return None if isinstance(value, str) else f"expected a string, got {value!r}"
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            return f"expected a list, got {value!r}"
-        item = args[0] if args else Any
-        problems = [p for v in value if (p := _type_problem(v, item))]
-        return f"in {list(value)!r}: {problems[0]}" if problems else None
-    if origin is dict or hint is dict:
-        return None if isinstance(value, Mapping) else f"expected a mapping, got {type(value).__name__}"
-    return None                                            # nested dataclasses: checked by their own section
-
-
-def _suggest(key: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _mapping(raw: Any, where: str, issues: list[str]) -> dict[str, Any] | None:
-    if raw is None:
-        return {}
-    if isinstance(raw, Mapping):
-        return dict(raw)
-    issues.append(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
-    return None
-
-
-def _checked(cls: type, where: str, raw: dict[str, Any], issues: list[str]) -> dict[str, Any]:
-    """The keys of ``raw`` that are fields of ``cls`` with a value of the right type; the rest become issues."""
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls) if f.init]
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in valid:
-            issues.append(f"{where}.{key}: unknown key{_suggest(str(key), valid)}")
-        elif problem := _type_problem(value, hints[key]):
-            issues.append(f"{where}.{key}: {problem}")
-        else:                                              # ints where floats go: 1 -> 1.0, as a float field holds
-            accepts = set(typing.get_args(hints[key])) or {hints[key]}
-            floaty = float in accepts and int not in accepts
-            out[key] = float(value) if floaty and is_number(value) else value
-    return out
-
-
-def _placed(where: str, problems: Sequence[Problem]) -> list[str]:
-    """Problems whose fields are relative to ``where`` (a search-space entry's ``low``) as issue lines."""
-    return [f"{where}.{p.field}: {p.message}" if p.field else f"{where}: {p.message}" for p in problems]
-
-
-def _construct(cls: type, where: str, kwargs: dict[str, Any], issues: list[str],
-               drop: Callable[[Problem], bool] = lambda p: False) -> Any:
-    """``cls(**kwargs)``, or None with every problem its ``__post_init__`` found added to ``issues`` (those that
-    ``drop`` says are reported already left out). Problems come as data (``ConfigError.problems``)."""
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        found = [str(p) for p in e.problems if not drop(p)] if e.problems else [f"{where}: {e}"]
-    except TypeError as e:                                 # not a field: _checked reports those first
-        found = [f"{where}: {e}"]
-    issues.extend(line for line in found if line not in issues)
-    return None
-
+from search.experiment.space_spec import PARAM_TYPES, ParamSpec
 
 # ---------------------------------------------------------------------------------------------------- sections
 
@@ -143,19 +55,19 @@ def _model(raw: dict[str, Any], issues: list[str]) -> ModelConfig | None:
             base = dict(MODEL_PRESETS[preset])
         else:
             issues.append(f"model.preset: must be one of {', '.join(MODEL_PRESETS)}, got {preset!r}")
-    return _construct(ModelConfig, "model", {**base, **_checked(ModelConfig, "model", raw, issues)}, issues)
+    return construct(ModelConfig, "model", {**base, **checked(ModelConfig, "model", raw, issues)}, issues)
 
 
 def _run_section(name: str, raw: Any, base_dir: Path, issues: list[str]) -> Any:
-    values = _mapping(raw, name, issues)
+    values = mapping(raw, name, issues)
     if values is None:
         return None
     if name == "model":
         return _model(values, issues)
-    kwargs = _checked(SECTIONS[name], name, values, issues)
+    kwargs = checked(SECTIONS[name], name, values, issues)
     if name == "data" and isinstance(kwargs.get("data_dir"), str):
         kwargs["data_dir"] = os.path.normpath(base_dir / Path(kwargs["data_dir"]).expanduser())
-    return _construct(SECTIONS[name], name, kwargs, issues)
+    return construct(SECTIONS[name], name, kwargs, issues)
 
 
 def _field_hint(dotted: str) -> Any:
@@ -164,27 +76,27 @@ def _field_hint(dotted: str) -> Any:
 
 
 def _space(raw: Any, sections: dict[str, Any], issues: list[str]) -> dict[str, ParamSpec]:
-    values = _mapping(raw, "search.space", issues)
+    values = mapping(raw, "search.space", issues)
     fields = RunConfig().flat()
     out: dict[str, ParamSpec] = {}
     for name, spec_raw in (values or {}).items():
         where = f"search.space.{name}"
         if name not in fields:
-            issues.append(f"{where}: not a config field{_suggest(str(name), list(fields))}")
+            issues.append(f"{where}: not a config field{suggest(str(name), list(fields))}")
             continue
-        spec = _mapping(spec_raw, where, issues)
+        spec = mapping(spec_raw, where, issues)
         if spec is None:
             continue
         if "type" not in spec:
             issues.append(f"{where}.type: required, one of {', '.join(PARAM_TYPES)}")
             continue
-        kwargs = _checked(ParamSpec, where, spec, issues)
+        kwargs = checked(ParamSpec, where, spec, issues)
         if len(kwargs) != len(spec):                       # a key of the wrong type: reported above
             continue
         try:
             out[name] = ParamSpec(**kwargs)
         except ConfigError as e:                           # the entry's problems, fields relative to it
-            issues += _placed(where, e.problems)
+            issues += placed(where, e.problems)
             continue
         _check_bounds(name, out[name], sections, issues)
     return out
@@ -199,7 +111,7 @@ def _check_bounds(name: str, spec: ParamSpec, sections: dict[str, Any], issues: 
     else:                                                  # ParamSpec made float bounds floats, int bounds are ints
         candidates = [(f"low={spec.low!r}", spec.low), (f"high={spec.high!r}", spec.high)]
     for label, value in candidates:
-        if problem := _type_problem(value, hint):
+        if problem := type_problem(value, hint):
             kind = "an integer field (use type: int)" if hint is int else f"this field ({problem})"
             issues.append(f"search.space.{name}: {label} does not fit {kind}")
             return
@@ -219,15 +131,15 @@ def _enqueue(raw: Any, space: dict[str, ParamSpec], issues: list[str]) -> tuple[
     points = []
     for i, point in enumerate(raw):
         where = f"search.enqueue[{i}]"
-        values = _mapping(point, where, issues)
+        values = mapping(point, where, issues)
         for name, value in (values or {}).items():
             spec = space.get(name)
             if spec is None:
-                issues.append(f"{where}.{name}: not in search.space{_suggest(str(name), list(space))}")
+                issues.append(f"{where}.{name}: not in search.space{suggest(str(name), list(space))}")
             elif spec.type == "categorical":
                 if value not in spec.choices:
                     issues.append(f"{where}.{name}: {value!r} is not one of the choices {list(spec.choices)!r}")
-            elif problem := _type_problem(value, int if spec.type == "int" else float):
+            elif problem := type_problem(value, int if spec.type == "int" else float):
                 issues.append(f"{where}.{name}: {problem}")
             elif not spec.low <= value <= spec.high:       # type: ignore[operator]
                 issues.append(f"{where}.{name}: {value!r} is outside [{spec.low!r}, {spec.high!r}]")
@@ -236,22 +148,22 @@ def _enqueue(raw: Any, space: dict[str, ParamSpec], issues: list[str]) -> tuple[
 
 
 def _search(raw: Any, sections: dict[str, Any], issues: list[str]) -> SearchConfig | None:
-    values = _mapping(raw, "search", issues)
+    values = mapping(raw, "search", issues)
     if values is None:
         return None
     nested = ("scheduler", "resources", "space", "enqueue", "confirm")
-    kwargs = _checked(SearchConfig, "search", {k: v for k, v in values.items() if k not in nested}, issues)
+    kwargs = checked(SearchConfig, "search", {k: v for k, v in values.items() if k not in nested}, issues)
     first_objective_defaults(values, kwargs)
     for key, cls in (("scheduler", SchedulerConfig), ("resources", ResourcesConfig)):
-        sub = _mapping(values.get(key), f"search.{key}", issues)
+        sub = mapping(values.get(key), f"search.{key}", issues)
         if sub is not None:
-            obj = _construct(cls, f"search.{key}", _checked(cls, f"search.{key}", sub, issues), issues)
+            obj = construct(cls, f"search.{key}", checked(cls, f"search.{key}", sub, issues), issues)
             if obj is not None:
                 kwargs[key] = obj
     if values.get("confirm") is not None:
-        sub = _mapping(values.get("confirm"), "search.confirm", issues)
+        sub = mapping(values.get("confirm"), "search.confirm", issues)
         if sub is not None:
-            obj = _construct(ConfirmConfig, "search.confirm", _checked(ConfirmConfig, "search.confirm", sub, issues),
+            obj = construct(ConfirmConfig, "search.confirm", checked(ConfirmConfig, "search.confirm", sub, issues),
                              issues)
             if obj is not None:
                 kwargs["confirm"] = obj
@@ -260,18 +172,18 @@ def _search(raw: Any, sections: dict[str, Any], issues: list[str]) -> SearchConf
     if isinstance(kwargs.get("storage"), str):
         kwargs["storage"] = _absolute_uri(kwargs["storage"])
     # A space whose entries all failed is empty here: its entries' problems are reported already.
-    return _construct(SearchConfig, "search", kwargs, issues,
+    return construct(SearchConfig, "search", kwargs, issues,
                       drop=lambda p: bool(values.get("space")) and p.field == "search.space")
 
 
 def _tracking(raw: Any, issues: list[str]) -> TrackingConfig | None:
-    values = _mapping(raw, "tracking", issues)
+    values = mapping(raw, "tracking", issues)
     if values is None:
         return None
-    kwargs = _checked(TrackingConfig, "tracking", values, issues)
+    kwargs = checked(TrackingConfig, "tracking", values, issues)
     if isinstance(kwargs.get("uri"), str):
         kwargs["uri"] = _absolute_uri(kwargs["uri"])
-    return _construct(TrackingConfig, "tracking", kwargs, issues)
+    return construct(TrackingConfig, "tracking", kwargs, issues)
 
 
 # ---------------------------------------------------------------------------------------------------- overrides
@@ -291,7 +203,7 @@ def _prepare(raw: Any, source: str, overrides: Sequence[str]) -> tuple[dict[str,
         apply_override(raw, text, issues)
     for key in raw:
         if key not in TOP_LEVEL:
-            issues.append(f"{key}: unknown key{_suggest(str(key), TOP_LEVEL)}")
+            issues.append(f"{key}: unknown key{suggest(str(key), TOP_LEVEL)}")
     return raw, issues
 
 

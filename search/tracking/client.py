@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from drcapsnet.errors import TrackingError
 from search import stores
-from search.sqlite_tuning import tune_engine
+from search.storage import tune_engine
 from search.tracking.uri import DEFAULT_ARTIFACTS, sqlite_path
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def _store_problem(error: BaseException) -> str | None:
 
 
 def _tune_sqlite(client: MlflowClient) -> None:
-    """A SQLite store: WAL and ``synchronous=NORMAL`` on its engine (search/sqlite_tuning.py). MLflow 3.17 keeps one
+    """A SQLite store: WAL and ``synchronous=NORMAL`` on its engine (search/storage.py). MLflow 3.17 keeps one
     SQLAlchemy engine per URI, shared by every client of the process; its own set-up (mlflow/store/db/utils.py) sets
     no journal mode and no synchronous level. Any other store is left alone."""
     store = getattr(getattr(client, "_tracking_client", None), "store", None)

@@ -35,9 +35,8 @@ from drcapsnet.train import train
 from search import tracking
 from search.experiment import Experiment
 from search.space import trial_run
-from search.tune.searcher import split_config, trial_run_name
+from search.tune.searcher import FAILURE_KEY, split_config, trial_run_name
 
-FAILURE_KEY = "drcaps_failure"   # in a trial's last report: why it failed without raising (e.g. diverged at epoch E)
 CONFIRM_SEED = "drcaps_confirm_seed"   # config key of a confirmation run: its seed index (1, 2, ...)
 
 
@@ -125,11 +124,12 @@ class TrialRecorder:
             self.run_id = tracking.find_or_create_trial_run(
                 ctx.tracking_uri, ctx.mlflow_experiment, parent_run_id=ctx.parent_run_id, trial_id=self.trial_id,
                 run_name=name if seed is None else f"confirm {name.removeprefix('trial ')} seed {seed}",
-                params=self.run.flat(), tags=tags)
+                params=self.run.flat(), tags=tags, number=self.number)
         self.logger = tracking.TrialLogger(ctx.tracking_uri, self.run_id)
         self.work = Path(tempfile.mkdtemp(prefix=f"drcaps-{self.trial_id}-"))
         self.ended = self.uploaded = False
-        self.logged, self.resume = 0, None
+        self.logged, self.resume, self.perf_logged = 0, None, False
+        self.restored: dict[str, float] = {}   # the metrics of the epoch a restored checkpoint holds
         self.mark, self.stopped_at = time.perf_counter(), None
         self.n_train = 0
 
@@ -142,18 +142,25 @@ class TrialRecorder:
             self.perf[key] += time.perf_counter() - t0
 
     def restore(self) -> None:
-        """Ray restarted this trial: continue from its checkpoint; epochs an earlier attempt logged to MLflow and
-        the checkpoint does not hold are trained again, and logged once."""
+        """Ray restarted this trial: continue from its checkpoint. Epochs an earlier attempt logged to MLflow and
+        the checkpoint does not hold (or every epoch, when it restarts from scratch) are trained again and logged
+        once: training is deterministic for a config and thread count, so the values are the same."""
         from ray import tune
 
+        from drcapsnet.checkpoint import load_checkpoint
+
         restored = tune.get_checkpoint()
+        with self.timing("perf_mlflow_s"):
+            self.logged = max((step for step, _ in tracking.metric_history(
+                self.ctx.tracking_uri, self.run_id, "epoch")), default=0)
+            self.perf_logged = bool(tracking.metric_history(self.ctx.tracking_uri, self.run_id, "perf_wall_s"))
         if restored is not None:
-            with self.timing("perf_mlflow_s"):
-                self.logged = max((step for step, _ in tracking.metric_history(
-                    self.ctx.tracking_uri, self.run_id, "epoch")), default=0)
             with restored.as_directory() as d:
-                shutil.copy2(Path(d) / LAST, self.work / LAST)
+                for name in (LAST, BEST):                      # best.pt: the best epoch may precede the checkpoint
+                    if (Path(d) / name).exists():
+                        shutil.copy2(Path(d) / name, self.work / name)
             self.resume = self.work / LAST
+            self.restored = dict(load_checkpoint(self.resume)["metrics"])
         with self.timing("perf_mlflow_s"):
             self.logger.set_tags(node_tags(self.resume))
 
@@ -199,7 +206,9 @@ class TrialRecorder:
             self.end("FINISHED")
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=f"drcaps-{self.trial_id}-ckpt-") as d:
-            os.link(self.work / LAST, Path(d) / LAST)          # only last.pt goes to Ray
+            for name in (LAST, BEST):    # last.pt to resume; best.pt, the weights uploaded at the end (links: no copy)
+                if (self.work / name).exists():
+                    os.link(self.work / name, Path(d) / name)
             checkpoint = tune.Checkpoint.from_directory(d)
             self.perf["perf_ckpt_s"] += time.perf_counter() - t0
             with self.timing("perf_tune_s"):                   # hand-off to Tune, which persists the checkpoint

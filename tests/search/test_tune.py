@@ -24,7 +24,7 @@ from search.errors import ClusterError
 from search.experiment import experiment_from_dict, load_experiment
 from search.export import export_from_tracking
 from search.publish import SearchResult
-from search.space import apply_params
+from search.space import trial_run
 from search.tune import init_ray, make_searcher, tune_interrupt_watch
 
 SPACE = {
@@ -116,9 +116,10 @@ def test_export_best_round_trips_through_load_experiment(searched, tmp_path):
     exported = load_experiment(path)
     best_run = tracking.best_trial_run(result.tracking_uri, "e2e", "val_acc", "max", result.parent_run_id)
     assert best_run.run_id == result.best_run_id
-    assert exported.run == result.best_config == apply_params(result.experiment, result.best.params)
-    for name in SPACE:                                  # the file's values are the best run's params
-        assert str(exported.run.flat()[name]) == best_run.params[name]
+    # what the trial trained, exactly: its params, its one CPU thread, the CPU (so a retrain sums in the same order)
+    assert exported.run == result.best_config == trial_run(result.experiment, result.best.params, 1, 0)
+    for name in [*SPACE, "train.num_threads", "train.device", "train.seed", "data.split_seed"]:
+        assert str(exported.run.flat()[name]) == best_run.params[name], name
     assert exported.result["mlflow_run_id"] == result.best_run_id
     assert exported.result["model_uri"] == result.model_uri
     assert len((tmp_path / "trials.csv").read_text().strip().splitlines()) == 1 + 4
