@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -41,17 +40,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import drcapsnet.model as capsmodel  # noqa: E402
-from benchmarks.step_reference import RefCapsNet  # noqa: E402
+from benchmarks.cpu_step import Step, batch_of, drcaps_step  # noqa: E402
 from benchmarks.train_throughput import cpu_name  # noqa: E402
 from drcapsnet.config import model_preset  # noqa: E402
 from drcapsnet.losses import capsnet_loss  # noqa: E402
-from drcapsnet.model import CapsNet, count_parameters  # noqa: E402
+from drcapsnet.model import count_parameters  # noqa: E402
 from drcapsnet.precision import cpu_bf16, cpu_flags  # noqa: E402
-from drcapsnet.train import compile_for_training  # noqa: E402
 
 PORT_FILES = ("capsulelayers.py", "capsulenet.py")
-Step = Callable[[], None]
 
 
 class _StayOnDevice:
@@ -81,48 +77,17 @@ def load_port(path: Path) -> ModuleType:
     return importlib.import_module("capsulenet")
 
 
-def _batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    return torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-
-
 def port_step(port: ModuleType, batch: int, bf16: bool) -> tuple[Step, nn.Module]:
     torch.manual_seed(0)
     model = port.CapsuleNet(input_size=[1, 28, 28], classes=10, routings=3).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = _batch(batch)
+    x, y = batch_of(model_preset("paper"), batch)
     onehot = torch.nn.functional.one_hot(y, 10).float()
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             lengths, recon = model(x, onehot)
         loss = capsnet_loss(lengths.float(), recon.flatten(1), x, y, 0.0005)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step, model
-
-
-def drcaps_step(batch: int, bf16: bool, channels_last: bool, compiled: bool = False,
-                reference: bool = False, fp32_routing: bool = True) -> tuple[Step, nn.Module]:
-    torch.manual_seed(0)
-    cfg = model_preset("paper")
-    model: nn.Module = (RefCapsNet(cfg) if reference else CapsNet(cfg)).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = _batch(batch)
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    forward = compile_for_training(model, torch.device("cpu")) if compiled else model
-
-    def step() -> None:
-        capsmodel.FP32_ROUTING_ON_CPU = fp32_routing        # read by the forward; off: squash + routing in bf16
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = forward(x, y)
-        capsmodel.FP32_ROUTING_ON_CPU = True
-        lengths, recon = (out[0], out[1]) if reference else (out.lengths, out.reconstruction)
-        loss = capsnet_loss(lengths.float(), recon, x, y, cfg.reconstruction_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

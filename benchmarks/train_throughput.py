@@ -7,6 +7,7 @@ present (bf16 autocast, as ``train`` uses, and the baseline in fp32 beside it). 
     python benchmarks/train_throughput.py                 # paper preset, batch 128
     python benchmarks/train_throughput.py --quick         # fewer steps (smoke)
     python benchmarks/train_throughput.py --compile       # eager vs train.compile (torch.compile), side by side
+    python benchmarks/train_throughput.py --compile --threads 1 --presets small   # + CPU bf16 + channels-last
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="only eager vs compiled (train.compile), paper and small presets, per device")
     parser.add_argument("--presets", default="paper,small", help="with --compile: which presets")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.compile:
         compare_compiled(args)
         return
@@ -111,6 +115,45 @@ def compare_compiled(args: argparse.Namespace) -> None:
             e, c = statistics.median(e_ips), statistics.median(c_ips)
             print(f"  {preset:8s} {compile_s:10.1f} {e:12.0f} {c:15.0f} {60000 / e:12.1f} {60000 / c:15.1f} "
                   f"{c / e:6.2f}x", flush=True)
+        if device.type == "cpu":
+            compare_compiled_cpu_precisions(args)
+
+
+def compare_compiled_cpu_precisions(args: argparse.Namespace) -> None:
+    """On the CPU, fp32 and bf16 + channels-last (what ``train`` runs where the CPU has native bf16), each eager and
+    compiled: one step of each in turn per round on the same batch, wall and process-CPU seconds (with one thread
+    the CPU time is little moved by other jobs), medians; ratios against eager fp32, medians of per-round ratios."""
+    from benchmarks.cpu_step import drcaps_step  # here, not on top: it imports this module's cpu_name
+
+    rounds = 2 if args.quick else 5
+    print(f"\n  CPU precisions, {torch.get_num_threads()} thread(s), {rounds} rounds, load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"  {'preset':8s} {'variant':28s} {'compile s':>10s} {'img/s':>7s} {'img/cpu-s':>10s} "
+          f"{'vs fp32 (wall)':>15s} {'vs fp32 (cpu)':>14s}")
+    for preset in args.presets.split(","):
+        steps, compile_s = {}, {}
+        for label, bf16, compiled in (("fp32", False, False), ("fp32 + compile", False, True),
+                                      ("bf16 + channels-last", True, False),
+                                      ("bf16 + channels-last + compile", True, True)):
+            steps[label] = drcaps_step(args.batch_size, bf16, bf16, compiled=compiled, preset=preset)[0]
+            t0 = time.perf_counter()
+            steps[label]()                                  # compiles a compiled step; warms an eager one
+            compile_s[label] = time.perf_counter() - t0 if compiled else None
+        wall: dict[str, list[float]] = {k: [] for k in steps}
+        cpu: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(rounds):
+            for label, step in steps.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                step()
+                wall[label].append(time.perf_counter() - t0)
+                cpu[label].append(time.process_time() - c0)
+        for label in steps:
+            rw = statistics.median(a / b for a, b in zip(wall["fp32"], wall[label]))
+            rc = statistics.median(a / b for a, b in zip(cpu["fp32"], cpu[label]))
+            cs = f"{compile_s[label]:10.1f}" if compile_s[label] is not None else f"{'':10s}"
+            print(f"  {preset:8s} {label:28s} {cs} {args.batch_size / statistics.median(wall[label]):7.0f} "
+                  f"{args.batch_size / statistics.median(cpu[label]):10.0f} {rw:14.2f}x {rc:13.2f}x", flush=True)
+    print(f"  load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
