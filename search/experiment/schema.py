@@ -153,6 +153,8 @@ class SearchConfig:
     enqueue: tuple[dict[str, Any], ...] = ()   # known-good points tried first; dotted names -> values
     space: dict[str, ParamSpec] = field(default_factory=dict)   # dotted config names -> spec; required
     confirm: ConfirmConfig | None = None   # None: the raw best is crowned (search/tune/confirm.py)
+    # {experiment: NAME, allow_changed: [fields]}: seed the study with NAME's latest search (search/warm_start.py)
+    warm_start: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "enqueue", tuple(dict(point) for point in self.enqueue))
@@ -183,6 +185,9 @@ class SearchConfig:
              self.confirm.top_k <= self.num_samples, "search.confirm.top_k",
              f"{getattr(self.confirm, 'top_k', None)!r} is above search.num_samples ({self.num_samples!r}); set it "
              "to at most num_samples")
+        need(out, self.warm_start is None or (isinstance(self.warm_start.get("experiment"), str) and bool(
+            self.warm_start["experiment"])), "search.warm_start.experiment", "required: the MLflow experiment whose "
+             "latest search seeds this one")
         need(out, bool(self.space), "search.space", "required, at least one parameter, "
              "e.g. train.lr: {type: float, low: 1.0e-4, high: 1.0e-1, log: true}")
         return out

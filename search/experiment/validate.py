@@ -147,11 +147,36 @@ def _enqueue(raw: Any, space: dict[str, ParamSpec], issues: list[str]) -> tuple[
     return tuple(points)
 
 
+WARM_START_KEYS = ("experiment", "allow_changed")
+
+
+def _warm_start(raw: Any, issues: list[str]) -> dict[str, Any] | None:
+    """``search.warm_start: {experiment: NAME, allow_changed: [dotted fields]}`` (search/warm_start.py)."""
+    values = mapping(raw, "search.warm_start", issues)
+    if values is None:
+        return None
+    for key in values:
+        if key not in WARM_START_KEYS:
+            issues.append(f"search.warm_start.{key}: unknown key{suggest(str(key), WARM_START_KEYS)}")
+    name, allowed = values.get("experiment"), values.get("allow_changed") or []
+    if not (isinstance(name, str) and name):
+        issues.append("search.warm_start.experiment: required, the MLflow experiment whose latest search seeds "
+                      f"this one, got {name!r}")
+    known = [*RunConfig().flat(), "search.metric", "search.mode"]
+    if not isinstance(allowed, list):
+        issues.append(f"search.warm_start.allow_changed: expected a list of dotted fields, got {allowed!r}")
+        allowed = []
+    for field in allowed:
+        if field not in known:
+            issues.append(f"search.warm_start.allow_changed: {field!r} is not a setting{suggest(str(field), known)}")
+    return {"experiment": name, "allow_changed": [str(f) for f in allowed]} if isinstance(name, str) and name else None
+
+
 def _search(raw: Any, sections: dict[str, Any], issues: list[str]) -> SearchConfig | None:
     values = mapping(raw, "search", issues)
     if values is None:
         return None
-    nested = ("scheduler", "resources", "space", "enqueue", "confirm")
+    nested = ("scheduler", "resources", "space", "enqueue", "confirm", "warm_start")
     kwargs = checked(SearchConfig, "search", {k: v for k, v in values.items() if k not in nested}, issues)
     first_objective_defaults(values, kwargs)
     for key, cls in (("scheduler", SchedulerConfig), ("resources", ResourcesConfig)):
@@ -167,6 +192,8 @@ def _search(raw: Any, sections: dict[str, Any], issues: list[str]) -> SearchConf
                              issues)
             if obj is not None:
                 kwargs["confirm"] = obj
+    if values.get("warm_start") is not None:
+        kwargs["warm_start"] = _warm_start(values["warm_start"], issues)
     kwargs["space"] = _space(values.get("space"), sections, issues)
     kwargs["enqueue"] = _enqueue(values.get("enqueue"), kwargs["space"], issues)
     if isinstance(kwargs.get("storage"), str):
