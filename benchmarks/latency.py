@@ -5,6 +5,8 @@ forward passes on the device, divided by the batch), with FLOPs and parameters b
 in interleaved rounds (1, 2, ..., 5, 1, 2, ...) so that a change in the machine's load hits all of them alike; the
 figure is the median of the rounds' medians, with the spread (min-max over rounds) and the fastest single pass
 (the least disturbed one, a floor on a busy machine). CPU threads: 1 by default, as a quickstart trial has (1 CPU).
+Many short rounds (9 x 10 passes by default) rather than a few long ones: on a shared machine the load comes in
+bursts, and the median over rounds outvotes them (docs/benchmarks.md).
 
     python benchmarks/latency.py                       # CPU, batch 1 and 32
     python benchmarks/latency.py --device cuda         # the GPU: fp32, then bf16 autocast (as a trial evaluates)
@@ -62,9 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a quickstart trial)")
     parser.add_argument("--quick", action="store_true", help="5 repeats, 2 warm-up, 2 rounds")
     args = parser.parse_args()
