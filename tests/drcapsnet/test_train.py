@@ -67,24 +67,33 @@ def _weights(tmp: Path, small: Datasets, seed: int) -> tuple[dict[str, float], d
     return metrics, load_checkpoint(tmp / LAST)["model"]
 
 
-@pytest.mark.slow                                    # inductor compiles the step on the CPU: ~30-60 s
-def test_a_compiled_run_trains_like_the_eager_one_and_checkpoints_plain_weights(tmp_path: Path,
-                                                                                 small: Datasets) -> None:
-    """``train.compile``: same metrics and weights as eager up to float rounding (fused kernels sum in another
-    order), over full batches (compiled) and the last, partial one (eager); checkpoints hold the plain module's
-    weights, no ``_orig_mod.`` prefix."""
+@pytest.mark.slow                                    # inductor compiles the step on the CPU: ~30-60 s each
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_compiled_run_trains_like_the_eager_one_and_checkpoints_plain_weights(
+        tmp_path: Path, small: Datasets, bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.compile``: in fp32 the same metrics and weights as eager up to float rounding (fused kernels sum in
+    another order); in bf16 (forced, so on any CPU) the same training within bf16's rounding, which fused kernels
+    skip between the ops they fuse (measured: train_loss 2.4% apart after 2 epochs). Over full batches (compiled)
+    and the last, partial one (eager); checkpoints hold the plain module's weights, no ``_orig_mod.`` prefix."""
+    monkeypatch.setenv("DRCAPS_CPU_BF16", "1" if bf16 else "0")
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
-        cfg = _cpu(epochs=2, lr=0.05, momentum=0.9, compile=compiled)
+        cfg = _cpu(epochs=2, lr=0.05, momentum=0.9, compile=compiled, bf16=bf16)
         metrics = train(model_preset("tiny"), SMALL, cfg, checkpoint_dir=tmp_path / name, datasets=small)
-        runs[name] = metrics, load_checkpoint(tmp_path / name / LAST)["model"]
-    (eager, eager_w), (comp, comp_w) = runs["eager"], runs["compiled"]
+        runs[name] = metrics, load_checkpoint(tmp_path / name / LAST)
+    (eager, eager_ckpt), (comp, comp_ckpt) = runs["eager"], runs["compiled"]
+    assert eager_ckpt["precision"] == comp_ckpt["precision"] == ("bf16" if bf16 else "fp32")
+    eager_w, comp_w = eager_ckpt["model"], comp_ckpt["model"]
     assert len(small.train.labels) % SMALL.batch_size != 0          # the eager last batch is exercised
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
-        assert comp[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-4), key
+    rel, acc = (5e-2, 0.1) if bf16 else (1e-3, 1e-4)
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert comp[key] == pytest.approx(eager[key], rel=rel, abs=1e-4), key
+    for key in ("train_acc", "val_acc", "test_acc"):
+        assert comp[key] == pytest.approx(eager[key], abs=acc), key
     assert comp_w.keys() == eager_w.keys()
-    for key in eager_w:
-        assert (comp_w[key] - eager_w[key]).abs().max() <= 1e-3 * max(1.0, float(eager_w[key].abs().max())), key
+    if not bf16:
+        for key in eager_w:
+            assert (comp_w[key] - eager_w[key]).abs().max() <= 1e-3 * max(1.0, float(eager_w[key].abs().max())), key
 
 
 def test_same_seed_gives_identical_runs_and_another_seed_does_not(tmp_path: Path, small: Datasets) -> None:
