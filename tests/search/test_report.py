@@ -17,8 +17,8 @@ import pytest
 from search import tracking
 from search.cli import main
 from search.experiment import experiment_from_dict
+from search.publish import SearchResult
 from search.report import FIGURES, REPORT_ARTIFACT, report_search
-from search.tune import SearchResult
 from tests.conftest import E2E_EPOCHS, E2E_SPACE
 
 TILE = 28 + 2                       # an MNIST-sized image and make_grid's padding
