@@ -69,19 +69,47 @@ def start_search_run(uri: str, experiment: str, *, run_name: str, params: Mappin
     return run_id
 
 
+def _identities(parent_run_id: str, trial_id: str, number: int | None, tags: Mapping[str, str]) -> list[str]:
+    """The filters that find a trial's run again, in turn: its Optuna trial number (a confirmation run: the trial it
+    confirms and its seed), which stays when Ray brings the trial back under a new trial id; then Ray's trial id (a
+    run recorded before runs carried their number)."""
+    where = f"tags.mlflow.parentRunId = {quoted(parent_run_id)}"
+    by_id = f"{where} and tags.`drcaps.trial_id` = {quoted(trial_id)}"
+    if number is None:
+        return [by_id]
+    if tags.get("drcaps.role") == "confirm":
+        return [f"{where} and tags.`drcaps.role` = 'confirm' and tags.`drcaps.confirms_trial` = {quoted(str(number))}"
+                f" and tags.`drcaps.confirm_seed` = {quoted(str(tags.get('drcaps.confirm_seed')))}", by_id]
+    return [f"{where} and tags.`drcaps.role` = 'trial' and tags.`drcaps.trial_number` = {quoted(str(number))}", by_id]
+
+
 def find_or_create_trial_run(uri: str, experiment: str, *, parent_run_id: str, trial_id: str, run_name: str,
-                             params: Mapping[str, Any], tags: Mapping[str, str] = {}) -> str:  # noqa: B006
-    """The child run of ``trial_id`` under ``parent_run_id``: created once; when Ray restarts the trial the same run
-    is found again by its tags and set back to RUNNING. Params already logged keep their first value. ``tags``: set
-    when the run is created (``drcaps.role``: ``trial`` by default, ``confirm`` for a confirmation run)."""
+                             params: Mapping[str, Any], tags: Mapping[str, str] = {},  # noqa: B006
+                             number: int | None = None) -> str:
+    """The child run of one trial under ``parent_run_id``: created once; when Ray restarts the trial the same run
+    is found again and set back to RUNNING. ``number``: the Optuna trial number (tag ``drcaps.trial_number``), which
+    finds the run even when a resumed search brings the trial back under a new Ray ``trial_id`` (Ray restored a
+    snapshot older than the trial); the run's ``drcaps.trial_id`` then becomes the new id and the old ones are kept
+    in ``drcaps.earlier_trial_ids``. Without it, the run is found by ``trial_id``. Params already logged keep their
+    first value. ``tags``: set when the run is created (``drcaps.role``: ``trial`` by default, ``confirm`` for a
+    confirmation run, found by ``drcaps.confirms_trial`` and ``drcaps.confirm_seed``)."""
     exp_id = ensure_experiment(uri, experiment)
     client = mlflow_client(uri)
-    found = client.search_runs([exp_id], max_results=1, filter_string=(
-        f"tags.mlflow.parentRunId = {quoted(parent_run_id)} and tags.`drcaps.trial_id` = {quoted(trial_id)}"))
+    numbered = {"drcaps.trial_number": str(number)} if number is not None and tags.get("drcaps.role", "trial") == \
+        "trial" else {}
+    found = []
+    for where in _identities(parent_run_id, trial_id, number, {"drcaps.role": "trial", **tags}):
+        found = client.search_runs([exp_id], where, max_results=1, order_by=["attributes.start_time ASC"])
+        if found:
+            break
     if found:
         run, old = found[0], found[0].data.tags
         with_retry(lambda: client.update_run(run.info.run_id, status="RUNNING"))
-        tags = {"drcaps.restarts": str(int(old.get("drcaps.restarts", "0")) + 1)}
+        tags = {"drcaps.restarts": str(int(old.get("drcaps.restarts", "0")) + 1), **numbered}
+        if old.get("drcaps.trial_id", trial_id) != trial_id:     # the same trial, back under a new Ray trial id
+            earlier = [t for t in old.get("drcaps.earlier_trial_ids", "").split(",") if t]
+            tags |= {"drcaps.trial_id": trial_id,
+                     "drcaps.earlier_trial_ids": ",".join([*earlier, old["drcaps.trial_id"]])}
         if "drcaps.failure_reason" in old:        # the last attempt's end(); keep it, but not as this run's outcome
             tags["drcaps.restart_reason"] = old["drcaps.failure_reason"]
         for key in ("drcaps.outcome", "drcaps.failure_reason"):
@@ -90,7 +118,8 @@ def find_or_create_trial_run(uri: str, experiment: str, *, parent_run_id: str, t
         new_params = {k: v for k, v in params.items() if k not in run.data.params}
         _log_params_and_tags(uri, run.info.run_id, new_params, tags)
         return run.info.run_id
-    created = {"mlflow.parentRunId": parent_run_id, "drcaps.trial_id": trial_id, "drcaps.role": "trial", **tags}
+    created = {"mlflow.parentRunId": parent_run_id, "drcaps.trial_id": trial_id, "drcaps.role": "trial", **numbered,
+               **tags}
     run = with_retry(lambda: client.create_run(exp_id, run_name=run_name, tags=created))
     _log_params_and_tags(uri, run.info.run_id, params, {})
     return run.info.run_id

@@ -35,8 +35,15 @@ from search.progress import SearchProgress
 from search.state import STATE_FILE
 from search.storage import create_optuna_schema
 from search.stores import masked
-from search.tune import lean, live, runtime, studies
-from search.tune.results import SearchRecords, close_trial_runs, fail_if_none_scored, prune_checkpoints, summaries
+from search.tune import lean, live, recovery, runtime, studies
+from search.tune.results import (
+    SearchRecords,
+    close_trial_runs,
+    fail_if_none_scored,
+    prune_checkpoints,
+    recorded_trial_ids,
+    summaries,
+)
 from search.tune.searcher import make_scheduler, make_searcher, trial_dirname
 from search.tune.trial import TrialContext, remove_temp_folders, run_trial, shared_datasets
 
@@ -174,7 +181,10 @@ def _open(plan: SearchPlan) -> OpenSearch:
 def _reopen(plan: SearchPlan) -> OpenSearch:
     """The interrupted search of this experiment (its state file): parent run RUNNING again, study in step."""
     saved = json.loads((plan.folder / STATE_FILE).read_text())
+    recovery.stop_leftovers(saved)                            # what the killed driver's own Ray left running
+    (plan.folder / STATE_FILE).write_text(json.dumps({**saved, **recovery.session_record()}))
     search = OpenSearch(plan, saved["study_name"], saved["parent_run_id"])
+    recovery.repair_tune_state(search.folder, saved.get("ray_session_dir"))   # a state cut short by the kill
     tracking.reopen_run(search.uri, search.parent_run_id)
     studies.reconcile_study(search.storage_url, search.study_name, search.folder)
     return search
@@ -220,7 +230,7 @@ def _tuner(search: OpenSearch, verbose: int, datasets: Datasets | None) -> Any:
     search.plan.folder.mkdir(parents=True, exist_ok=True)
     (search.plan.folder / STATE_FILE).write_text(json.dumps({
         "parent_run_id": search.parent_run_id, "study_name": search.study_name,
-        "storage_url": masked(search.storage_url), "tracking_uri": search.uri}))
+        "storage_url": masked(search.storage_url), "tracking_uri": search.uri, **recovery.session_record()}))
     return tuner
 
 
@@ -253,8 +263,7 @@ def _close(search: OpenSearch, results: Any) -> list:
     s = search.exp.search
     # Every trial of this search, those a killed driver lost included (they have an MLflow run, no Ray result).
     remove_temp_folders([str((r.metrics or {}).get("trial_id")) for r in results if (r.metrics or {}).get("trial_id")]
-                        + [r.tags["drcaps.trial_id"] for r in tracking.child_runs(search.uri, search.parent_run_id)
-                           if r.tags.get("drcaps.trial_id")])
+                        + recorded_trial_ids(search.uri, search.parent_run_id))
     studies.close_study(search.storage_url, search.study_name, results, s.metric, s.mode)
     trials = summaries(results, s.metric, s.mode, search.exp.run.train.epochs)
     return close_trial_runs(search.uri, search.parent_run_id, trials)

@@ -109,6 +109,13 @@ def close_trial_runs(uri: str, parent_run_id: str, trials: list[TrialSummary]) -
     return [dataclasses.replace(t, run_id=runs[t.trial_id].run_id) if t.trial_id in runs else t for t in trials]
 
 
+def recorded_trial_ids(uri: str, parent_run_id: str) -> list[str]:
+    """Every Ray trial id the search's trial runs were recorded under: each run's own and the earlier ones of a
+    trial a resumed search brought back under a new id (``drcaps.earlier_trial_ids``)."""
+    return [i for r in tracking.child_runs(uri, parent_run_id)
+            for i in (r.tags.get("drcaps.trial_id"), *r.tags.get("drcaps.earlier_trial_ids", "").split(",")) if i]
+
+
 def scored(trials: list[TrialSummary]) -> list[TrialSummary]:
     """The trials that count for the ranking (not failed, a finite value), best first."""
     return [t for t in trials if t.outcome != "failed" and math.isfinite(t.metric)]

@@ -79,8 +79,11 @@ def init_ray(address: str | None, verbose: int) -> None:
             try:
                 # Trials print nothing worth reading (metrics reach Tune's table and MLflow); their logs stay in
                 # Ray's session folder instead of repeating "Checkpoint successfully created" on the terminal.
-                ray.init(address=address, log_to_driver=False,
-                         include_dashboard=False if address == "local" else None, configure_logging=verbose > 1)
+                context = ray.init(address=address, log_to_driver=False,
+                                   include_dashboard=False if address == "local" else None,
+                                   configure_logging=verbose > 1)
+                if address == "local":
+                    _LOCAL_SESSION[:] = [str(context.address_info.get("session_dir") or "")]
                 break
             except ConnectionAbortedError as e:
                 if attempt == tries or "Initialization failure from server" not in str(e):
@@ -94,6 +97,15 @@ def init_ray(address: str | None, verbose: int) -> None:
                 "or ~/.ray/auth_token, the same as the head's), or use --address auto on the head node") from None
         raise ClusterError(f"--address: cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {e}); "
                            "start it (ray start --head) or leave --address out to run Ray here") from None
+
+
+_LOCAL_SESSION: list[str] = []   # the session folder of the Ray this process started (none: a cluster, or no Ray)
+
+
+def local_session_dir() -> str | None:
+    """The session folder of the Ray this process started (``ray.init``'s ``address_info``), None when it joined a
+    cluster or started none: what search/tune/recovery.py records for a later ``--resume``."""
+    return _LOCAL_SESSION[0] if _LOCAL_SESSION and _LOCAL_SESSION[0] else None
 
 
 def _auth_refused(error: BaseException) -> bool:

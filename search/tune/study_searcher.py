@@ -48,6 +48,7 @@ class _Running:
     step: int = 0                     # the last epoch recorded
     history: list[tuple[int, tuple[float, ...]]] = field(default_factory=list)   # (epoch, one value per objective)
     run_id: str | None = None         # the MLflow run id recorded
+    synced: bool = False              # step and history read back from the study (what an earlier driver recorded)
 
 
 class StudySearcher(Searcher):
@@ -148,6 +149,8 @@ class StudySearcher(Searcher):
         step = result.get("epoch", result.get("training_iteration"))
         values = [result.get(m) for m in self._metrics]
         try:
+            if not run.synced:
+                self._sync(run)
             run_id = result.get(RUN_ID_KEY)
             if isinstance(run_id, str) and run_id != run.run_id:
                 self.storage.set_trial_user_attr(run.storage_id, storage.MLFLOW_RUN_ATTR, run_id)
@@ -165,6 +168,23 @@ class StudySearcher(Searcher):
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
         return True
+
+    def _sync(self, run: _Running) -> None:
+        """Take up the epochs the study holds for this trial: a trial a resumed search runs again (handed back by
+        reconcile_study, or restored from Tune's older snapshot) re-reports epochs an earlier driver recorded; they
+        are not recorded twice, and its best epoch is chosen over all of them."""
+        trial = self.storage.get_trial(run.storage_id)
+        if len(self._metrics) == 1:
+            history = [(int(e), (float(v),)) for e, v in sorted(trial.intermediate_values.items()) if _finite(v)]
+        else:
+            curves = [dict((int(e), v) for e, v in trial.user_attrs.get(storage.curve_attr(m), []))
+                      for m in self._metrics]
+            history = [(e, tuple(float(c[e]) for c in curves)) for e in sorted(curves[0])
+                       if all(e in c for c in curves)]
+        known = {e for e, _ in run.history}
+        run.history = sorted(run.history + [h for h in history if h[0] not in known])
+        run.step = max([run.step, *(e for e, _ in run.history)])
+        run.synced = True
 
     def _outcome(self, run: _Running, result: Mapping[str, Any], error: bool) -> tuple[TrialState, list | None]:
         """(state, values) to tell: FAIL, PRUNED (Optuna then takes the last intermediate value), or COMPLETE with

@@ -35,6 +35,7 @@ from drcapsnet.train import train
 from search import tracking
 from search.experiment import Experiment
 from search.space import trial_run
+from search.tune import recovery
 from search.tune.searcher import FAILURE_KEY, split_config, trial_run_name
 
 CONFIRM_SEED = "drcaps_confirm_seed"   # config key of a confirmation run: its seed index (1, 2, ...)
@@ -184,6 +185,7 @@ class TrialRecorder:
             self.stopped_at = time.perf_counter()
         if not self.ended:
             self.upload_best()
+            recovery.hold("uploaded", self.number)
             with self.timing("perf_mlflow_s"):
                 self.logger.end(status, reason=reason, outcome=outcome)   # type: ignore[arg-type]
         self.ended = True
@@ -202,6 +204,7 @@ class TrialRecorder:
         if int(metrics["epoch"]) > self.logged:
             with self.timing("perf_mlflow_s"):
                 self.logger.log_epoch(metrics, step=int(metrics["epoch"]))
+        recovery.hold("logged", self.number, int(metrics["epoch"]))
         if metrics["epoch"] >= self.run.train.epochs:
             self.end("FINISHED")
         t0 = time.perf_counter()
@@ -215,11 +218,23 @@ class TrialRecorder:
                 tune.report({**metrics, "mlflow_run_id": self.run_id}, checkpoint=checkpoint)
         self.mark = time.perf_counter()
 
+    def report_last(self) -> None:
+        """The restored checkpoint holds the last epoch (the trial had ended when the driver was killed, before Tune
+        saved that it had): that epoch's metrics to Tune once more, so the searcher and the live view end the trial
+        with its values. MLflow has them already."""
+        from ray import tune
+
+        self.end("FINISHED")
+        tune.report({**self.restored, "mlflow_run_id": self.run_id})
+
     def close(self) -> None:
-        """The working folder gone and the whole breakdown logged once more, the trial's end as teardown."""
+        """The working folder gone and the whole breakdown logged once (an earlier attempt's stands), the trial's
+        end as teardown."""
         shutil.rmtree(self.work, ignore_errors=True)
         self.perf["perf_teardown_s"] = time.perf_counter() - (self.stopped_at or self.mark)
         self.perf["perf_wall_s"] = time.perf_counter() - self.entry + self.perf["perf_startup_s"]
+        if self.perf_logged:                                  # step 0 logged once: no duplicate step
+            return
         with contextlib.suppress(Exception):                  # never hide the trial's own outcome
             self.logger.log_epoch({**self.perf, "perf_worker_trials": WORKER.trials}, step=0)
 
@@ -239,10 +254,14 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, datasets: Datasets | No
     try:
         remove_temp_folders([trial.trial_id], keep=trial.work)   # a killed earlier attempt of this trial left them
         trial.restore()
-        data = trial.data(datasets)
-        run = trial.run
-        train(run.model, run.data, run.train, trial.report, checkpoint_dir=trial.work, resume=trial.resume,
-              datasets=data)
+        recovery.hold("started", trial.number)
+        if trial.restored.get("epoch", 0) >= trial.run.train.epochs:
+            trial.report_last()                                  # the checkpoint holds the last epoch
+        else:
+            data = trial.data(datasets)
+            run = trial.run
+            train(run.model, run.data, run.train, trial.report, checkpoint_dir=trial.work, resume=trial.resume,
+                  datasets=data)
         trial.stopped_at = time.perf_counter()
     except SystemExit:                   # Ray stopped this trial inside tune.report: the scheduler, or Ctrl-C
         trial.end("KILLED", outcome="interrupted")   # the driver records a scheduler's stop as stopped_early
