@@ -121,8 +121,9 @@ def compare_compiled(args: argparse.Namespace) -> None:
 
 def compare_compiled_cpu_precisions(args: argparse.Namespace) -> None:
     """On the CPU, fp32 and bf16 + channels-last (what ``train`` runs where the CPU has native bf16), each eager and
-    compiled: one step of each in turn per round on the same batch, wall and process-CPU seconds (with one thread
-    the CPU time is little moved by other jobs), medians; ratios against eager fp32, medians of per-round ratios."""
+    compiled, and each eager in the other memory format: one step of each in turn per round on the same batch, wall
+    and process-CPU seconds (with one thread the CPU time is little moved by other jobs), medians; ratios against
+    eager fp32, medians of per-round ratios."""
     from benchmarks.cpu_step import drcaps_step  # here, not on top: it imports this module's cpu_name
 
     rounds = 2 if args.quick else 5
@@ -132,10 +133,11 @@ def compare_compiled_cpu_precisions(args: argparse.Namespace) -> None:
           f"{'vs fp32 (wall)':>15s} {'vs fp32 (cpu)':>14s}")
     for preset in args.presets.split(","):
         steps, compile_s = {}, {}
-        for label, bf16, compiled in (("fp32", False, False), ("fp32 + compile", False, True),
-                                      ("bf16 + channels-last", True, False),
-                                      ("bf16 + channels-last + compile", True, True)):
-            steps[label] = drcaps_step(args.batch_size, bf16, bf16, compiled=compiled, preset=preset)[0]
+        for label, bf16, cl, compiled in (("fp32", False, False, False), ("fp32 + channels-last", False, True, False),
+                                          ("fp32 + compile", False, False, True), ("bf16 (NCHW)", True, False, False),
+                                          ("bf16 + channels-last", True, True, False),
+                                          ("bf16 + channels-last + compile", True, True, True)):
+            steps[label] = drcaps_step(args.batch_size, bf16, cl, compiled=compiled, preset=preset)[0]
             t0 = time.perf_counter()
             steps[label]()                                  # compiles a compiled step; warms an eager one
             compile_s[label] = time.perf_counter() - t0 if compiled else None
