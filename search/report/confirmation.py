@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING
 
-from search import tracking
+from search import ranking, tracking
 from search.report.data import SearchData, Section, best_value
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def confirmation_section(data: SearchData, uri: str) -> Section | None:
         if v is not None:
             values.setdefault(int(r.tags["drcaps.confirms_trial"]), []).append(v)
     searched = {n: best_value(data.histories[t.run_id], s.mode) for t in data.trials if (n := _number(t)) is not None}
-    numbers = sorted(values, key=lambda n: -(searched.get(n) or 0.0) if s.mode == "max" else (searched.get(n) or 0.0))
+    numbers = ranking.rank(list(values), searched.get, s.mode)        # best first; no search value: last
     picked = data.parent.tags.get("drcaps.best_trial")
     labels = [f"trial {n}" + (" (crowned)" if str(n) == picked else "") for n in numbers]
     fig: go.Figure = go.Figure()

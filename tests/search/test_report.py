@@ -298,3 +298,40 @@ def test_the_study_is_opened_from_the_tagged_storage_and_no_password_is_shown(tm
     rebuilt, source = open_study(search_data("postgresql://drcaps:***@127.0.0.1:1/optuna", secret), uri)
     assert rebuilt.trials == [] and source.startswith("rebuilt from the MLflow trial runs (cannot open study 's'")
     assert "127.0.0.1:1/optuna" in source and "s3cret" not in source   # the experiment's URL, password hidden
+
+
+def test_the_confirmation_figure_orders_configs_as_search_ranking_does(tmp_path: Path) -> None:
+    """The confirmed configs come best first by their search value under the search's mode (here ``min``); a
+    confirmed trial without a search value comes last. Real MLflow runs in a SQLite store."""
+    from mlflow import MlflowClient
+
+    from search.report.confirmation import confirmation_section
+    from search.report.data import SearchData
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = experiment_from_dict({
+        "name": "confirmed", "model": {"preset": "tiny"}, "data": {"dataset": "digits"}, "train": {"epochs": 2},
+        "search": {"metric": "val_loss", "mode": "min", "num_samples": 3,
+                   "space": {"train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True}}},
+    }, base_dir=tmp_path)
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("confirmed")
+    parent = client.create_run(exp_id, run_name="search").info.run_id
+
+    def child(name: str, tags: dict[str, str], values: list[float]) -> str:
+        run_id = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent, **tags}).info.run_id
+        for step, value in enumerate(values, start=1):
+            client.log_metric(run_id, "val_loss", value, step=step)
+        return run_id
+
+    searched = {0: [0.9, 0.5], 1: [0.3, 0.4], 2: []}                     # trial 2 logged no value
+    trials = [child(f"trial {n} lr=0.01", {"drcaps.role": "trial"}, v) for n, v in searched.items()]
+    for n in searched:
+        child(f"confirm {n}", {"drcaps.role": "confirm", "drcaps.confirms_trial": str(n)}, [0.6])
+    records = tracking.child_runs(uri, parent)
+    histories = {r.run_id: tracking.metric_history(uri, r.run_id, "val_loss") for r in records}
+    data = SearchData(exp, tracking.get_run(uri, parent), records, histories, None)
+    assert sorted(histories) == sorted(trials)
+    section = confirmation_section(data, uri)
+    assert section is not None
+    assert list(section.figure.data[0].x) == ["trial 1", "trial 0", "trial 2"]
