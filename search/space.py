@@ -79,19 +79,26 @@ def apply_params(exp: Experiment, params: Mapping[str, Any]) -> RunConfig:
                         else getattr(exp.run, section) for section, values in changes.items()})
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The seeded optuna sampler called ``name`` (``search.sampler``)."""
+def make_sampler(name: str, seed: int, *, constraints_func: Any = None,
+                 population_size: int | None = None) -> optuna.samplers.BaseSampler:
+    """The seeded optuna sampler called ``name`` (``search.sampler``); ``constraints_func`` (Optuna's: <= 0 is
+    feasible) for TPE, GP and NSGA-II (random ignores it); ``population_size`` for NSGA-II (default: Optuna's 50)."""
     import optuna
+
+    honour = {} if constraints_func is None else {"constraints_func": constraints_func}
 
     if name not in SAMPLERS:
         raise ValueError(f"search.sampler: must be one of {', '.join(SAMPLERS)}, got {name!r}")
     with warnings.catch_warnings():                        # QMC/GP are "experimental": the user chose them
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna 5 deprecates constraints_func (for Trial.set_constraint; removed in 7): it works, said in the notes.
+        warnings.filterwarnings("ignore", message=".*constraints_func", category=FutureWarning)
         if name == "tpe":
             # 5 random start-up trials, not Optuna's 10: a 10-trial quickstart never left them, so its "TPE"
             # proposals were all random (issue 9). multivariate: lr and momentum act together; constant_liar: trials
             # running at the same time are not all sent to the same promising point. benchmarks/search_efficiency.py.
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True,
+                                              **honour)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "cmaes":
@@ -99,9 +106,10 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
             # fallback. Said once in the README rather than warned at every trial.
             return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
         if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed)
-        if name == "nsga2":                            # several objectives; Optuna's population of 50: a search of
-            return optuna.samplers.NSGAIISampler(seed=seed)   # fewer trials than that never leaves its first generation
+            return optuna.samplers.GPSampler(seed=seed, **honour)
+        if name == "nsga2":    # a search of fewer trials than its population never leaves its first generation:
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size or 50,   # make_searcher
+                                                 **honour)                                 # sizes it to the budget
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)   # unscrambled Sobol ignores the seed
 
 

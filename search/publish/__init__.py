@@ -44,10 +44,15 @@ class SearchResult:
     raw_best: TrialSummary | None = None      # the search's own best (differs from ``best`` after confirmation)
     confirmations: tuple[ConfirmRun, ...] = ()
     confirmed: dict[int, dict[str, float]] = field(default_factory=dict)   # trial number -> mean, std, n, failed
+    front: Any = None                 # several objectives: the Pareto front (search/publish/front.py ``Front``)
 
 
 def pick(records: SearchRecords) -> tuple[TrialSummary, dict[int, dict[str, float]], list[str]]:
     """The crowned trial, each confirmed trial's stats, and what to warn about (configs that failed confirmation)."""
+    if records.experiment.search.multi_objective:        # the pick rule on the Pareto front
+        from search.publish.front import front_pick
+
+        return front_pick(records)
     ranked = scored(records.trials)
     raw = ranked[0]
     if not records.confirmations:
@@ -72,6 +77,9 @@ def publish(plan: SearchPlan, records: SearchRecords) -> SearchResult:
     exp, s = plan.experiment, plan.experiment.search
     best, stats, problems = pick(records)
     model_uri = _register(records, best, problems)
+    from search.publish.front import record_front
+
+    front = record_front(records, best, model_uri, problems) if s.multi_objective else None
     counts = {o: sum(t.outcome == o for t in records.trials) for o in ("finished", "stopped_early", "failed")}
     metrics = {f"best_{s.metric}": best.metric, "trials_finished": counts["finished"],
                "trials_stopped_early": counts["stopped_early"], "trials_failed": counts["failed"],
@@ -97,7 +105,8 @@ def publish(plan: SearchPlan, records: SearchRecords) -> SearchResult:
     result = SearchResult(
         exp, best, records.trials, trial_run(exp, best.params, s.resources.cpu, s.resources.gpu),
         records.tracking_uri, records.parent_run_id, best.run_id, model_uri, records.study_name,
-        records.storage_url, records.folder, raw_best=raw, confirmations=records.confirmations, confirmed=stats)
+        records.storage_url, records.folder, raw_best=raw, confirmations=records.confirmations, confirmed=stats,
+        front=front)
     report = outputs.write_report(result, problems)
     return outputs.with_report(result, report, problems)
 

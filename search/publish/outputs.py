@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from search import tracking
 from search.plan import SearchPlan
 from search.progress import format_value, short_name
+from search.publish import front
 
 if TYPE_CHECKING:
     from search.publish import SearchResult
@@ -63,6 +64,7 @@ def write_outputs(plan: SearchPlan, result: SearchResult) -> int:
     path, code = plan.out, 0
     try:
         export_best(exported(result), plan.out)
+        front.write_front_yaml(result, plan.out)          # several objectives: NAME.pareto.yaml beside it
         plan.csv.parent.mkdir(parents=True, exist_ok=True)
         tracking.trials_dataframe(result.tracking_uri, result.parent_run_id).to_csv(plan.csv, index=False)
     except OSError as e:
@@ -154,7 +156,7 @@ def summary_lines(result: SearchResult, *, export_path: Any, csv_path: Any, link
     shown = f"top {top} of {len(result.trials)}" if len(result.trials) > top else f"all {len(result.trials)}"
     out = ["", f"trials ranked by their best {s.metric} ({shown}):"]
     out += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    out += confirmation_lines(result)
+    out += confirmation_lines(result) + front.front_lines(result, export_path)
     best = result.best
     confirmed = result.confirmed.get(best.number) if best.number is not None else None
     out += ["", f"best: trial {best.number if best.number is not None else best.trial_id}, {s.metric} "

@@ -33,6 +33,7 @@ from search.report.data import (
     run_outcome,
     trial_params,
 )
+from search.report.front import first_objective_study, front_sections
 from search.report.model import model_sections
 from search.report.study import learning_curves, open_study, study_sections
 
@@ -43,11 +44,13 @@ __all__ = ["FIGURES", "REPORT_ARTIFACT", "SearchData", "Section", "build_section
 def build_sections(uri: str, data: SearchData) -> list[Section]:
     """Every figure of the report, in ``FIGURES`` order."""
     study, source = open_study(data, uri)
+    search = data.experiment.search
+    study = first_objective_study(study, search.metric, search.mode)   # several objectives: Optuna's plots: the first
     sections = [*study_sections(study, data.experiment.search.metric, source), learning_curves(data),
                 *model_sections(data, uri)]
     assert [s.key for s in sections] == list(FIGURES), [s.key for s in sections]
     confirmed = confirmation_section(data, uri)          # only for a search that confirmed its winner
-    return sections[:4] + [confirmed] + sections[4:] if confirmed is not None else sections
+    return sections[:4] + front_sections(data) + [s for s in (confirmed,) if s is not None] + sections[4:]
 
 
 def _summary(data: SearchData, uri: str) -> str:

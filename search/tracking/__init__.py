@@ -31,7 +31,7 @@ from search.tracking.queries import (
     search_runs,
     trials_dataframe,
 )
-from search.tracking.registry import load_model, log_and_register_model, model_version
+from search.tracking.registry import load_model, log_and_register_model, model_aliases, model_version, set_model_alias
 from search.tracking.runs import (
     MAX_PARAM_VALUE,
     MAX_TAG_VALUE,
@@ -63,6 +63,7 @@ __all__ = [
     "best_trial_run", "check_names", "check_store_exists", "check_tracking_uri", "check_tracking_uri_from_client",
     "child_runs", "download_artifacts", "end_run", "ensure_experiment", "find_or_create_trial_run", "get_run",
     "latest_search_run", "load_model", "log_and_register_model", "log_metrics", "log_run_artifact", "metric_history",
-    "model_version", "read_text_artifact", "reopen_run", "resolve_tracking_uri", "run_age_s", "run_url",
+    "model_aliases", "model_version", "read_text_artifact", "set_model_alias",
+    "reopen_run", "resolve_tracking_uri", "run_age_s", "run_url",
     "search_runs", "sqlite_file_problem", "start_search_run", "trials_dataframe", "with_retry",
 ]

@@ -120,3 +120,27 @@ def model_version(uri: str, name: str, alias: str) -> dict[str, str]:
         raise TrackingError(f"no model version {name}@{alias} at {uri}: {e.message}") from e
     model_id = v.model_id or (v.source.removeprefix("models:/") if v.source.startswith("models:/m-") else "")
     return {"version": str(v.version), "run_id": v.run_id or "", "source": v.source, "model_id": model_id or ""}
+
+
+def set_model_alias(uri: str, name: str, alias: str, version: str | None) -> None:
+    """Point ``name@alias`` at ``version``; ``None`` removes the alias (nothing happens when it is not set)."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(uri)
+    if version is not None:
+        client.set_registered_model_alias(name, alias, version)
+        return
+    try:
+        client.delete_registered_model_alias(name, alias)
+    except MlflowException:
+        pass
+
+
+def model_aliases(uri: str, name: str) -> dict[str, str]:
+    """Every alias of registered model ``name`` -> its version; ``{}`` when there is no such model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {a: str(v) for a, v in mlflow_client(uri).get_registered_model(name).aliases.items()}
+    except MlflowException:
+        return {}

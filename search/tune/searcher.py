@@ -17,6 +17,11 @@ def make_scheduler(exp: Experiment, max_t: int) -> Any:
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 
     sched = exp.search.scheduler
+    if sched.name == "asha" and exp.search.multi_objective:    # ASHA ranks one scalar: MO-ASHA (search/tune/moasha.py)
+        from search.tune.moasha import MOASHAScheduler
+
+        return MOASHAScheduler(exp.search.objective_pairs, grace_period=min(sched.grace_period, max_t),
+                               reduction_factor=sched.reduction_factor, max_t=max_t)
     if sched.name == "asha":
         return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=max_t,
                                        grace_period=min(sched.grace_period, max_t),
@@ -46,10 +51,26 @@ def make_searcher(exp: Experiment, study_name: str, storage_url: str | None) -> 
     from search.tune.study_searcher import StudySearcher
 
     s = exp.search
-    return StudySearcher(to_distributions(s.space), metric=s.metric, mode=s.mode,
-                         sampler=make_sampler(s.sampler, s.seed), study_name=study_name, storage_url=storage_url,
-                         enqueue=s.enqueue, max_epochs=exp.run.train.epochs, number_key=TRIAL_NUMBER,
-                         failure_key=FAILURE_KEY)
+    metrics, modes = [m for m, _ in s.objective_pairs], [mode for _, mode in s.objective_pairs]
+    return StudySearcher(to_distributions(s.space), metric=metrics if s.multi_objective else s.metric,
+                         mode=modes if s.multi_objective else s.mode, sampler=_sampler(exp),
+                         study_name=study_name, storage_url=storage_url, enqueue=s.enqueue,
+                         max_epochs=exp.run.train.epochs, number_key=TRIAL_NUMBER, failure_key=FAILURE_KEY,
+                         keep=[c for c in s.constraints if c not in metrics])
+
+
+def nsga2_population(num_samples: int) -> int:
+    """NSGA-II's population for a budget of ``num_samples`` trials: about three generations, 4 to 50 (Optuna's)."""
+    return min(50, max(4, num_samples // 3))
+
+
+def _sampler(exp: Experiment) -> Any:
+    """The seeded sampler; with ``search.constraints``, Optuna's ``constraints_func`` over them."""
+    from search.tune.objectives_run import StudyConstraints
+
+    s = exp.search
+    honour = StudyConstraints(s.constraints, [m for m, _ in s.objective_pairs]) if s.constraints else None
+    return make_sampler(s.sampler, s.seed, constraints_func=honour, population_size=nsga2_population(s.num_samples))
 
 
 def trial_dirname(trial: Any) -> str:

@@ -5,6 +5,7 @@ a finished one leaves no trial RUNNING or WAITING. Optuna's public API only (the
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ def close_study(storage_url: str, study_name: str, results: Any, metric: str, mo
     except Exception as e:
         warnings.warn(f"could not open Optuna study {study_name!r} to close it: {e}", stacklevel=2)
         return
-    best: dict[int, float] = {}
+    best: dict[int, float | list[float]] = {}
+    names = (study.metric_names or [metric]) if len(study.directions) > 1 else [metric]   # several objectives
     for r in results:
         number = (r.config or {}).get(TRIAL_NUMBER)
         df = r.metrics_dataframe
@@ -65,7 +67,8 @@ def close_study(storage_url: str, study_name: str, results: Any, metric: str, mo
             continue
         found = ranking.best_epoch(zip(df["epoch"], df[metric], strict=True), mode)
         if found is not None and not r.error and not (r.metrics or {}).get(FAILURE_KEY):
-            best[int(number)] = found[1]
+            row = df[df["epoch"] == found[0]].iloc[0]                   # at the epoch where the first was best
+            best[int(number)] = found[1] if len(names) == 1 else [float(row.get(n, math.nan)) for n in names]
     open_states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
     for trial in study.get_trials(deepcopy=False, states=open_states):
         if trial.state == optuna.trial.TrialState.WAITING and not trial.params:

@@ -34,6 +34,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from search import ranking, storage
+from search.tune.objectives_run import COST_ATTR
 
 _log = logging.getLogger(__name__)
 RUN_ID_KEY = "mlflow_run_id"      # where run_trial's reports carry the trial's MLflow run id
@@ -48,6 +49,7 @@ class _Running:
     step: int = 0                     # the last epoch recorded
     history: list[tuple[int, tuple[float, ...]]] = field(default_factory=list)   # (epoch, one value per objective)
     run_id: str | None = None         # the MLflow run id recorded
+    kept: dict[str, float] = field(default_factory=dict)   # the ``keep`` metrics' values recorded
     synced: bool = False              # step and history read back from the study (what an earlier driver recorded)
 
 
@@ -57,7 +59,7 @@ class StudySearcher(Searcher):
     def __init__(self, space: Mapping[str, optuna.distributions.BaseDistribution], *, metric: str | Sequence[str],
                  mode: str | Sequence[str], sampler: optuna.samplers.BaseSampler, study_name: str,
                  storage_url: str | None, enqueue: Sequence[Mapping[str, Any]] = (), max_epochs: int,
-                 number_key: str, failure_key: str) -> None:
+                 number_key: str, failure_key: str, keep: Sequence[str] = ()) -> None:
         metrics = [metric] if isinstance(metric, str) else list(metric)
         modes = [mode] if isinstance(mode, str) else list(mode)
         if len(metrics) != len(modes) or not metrics:
@@ -73,6 +75,7 @@ class StudySearcher(Searcher):
         self._enqueued = False
         self._max_epochs = max_epochs
         self._number_key, self._failure_key = number_key, failure_key
+        self._keep = tuple(keep)                   # more metrics kept, latest value, in user attrs cost.<metric>
         self._live: dict[str, _Running] = {}       # Ray trial id -> its Optuna trial, while it runs
         self._study: optuna.Study | None = None
         self._backend: optuna.storages.BaseStorage | None = None
@@ -155,6 +158,7 @@ class StudySearcher(Searcher):
             if isinstance(run_id, str) and run_id != run.run_id:
                 self.storage.set_trial_user_attr(run.storage_id, storage.MLFLOW_RUN_ATTR, run_id)
                 run.run_id = run_id
+            self._keep_values(run, result)
             if step is None or int(step) <= run.step or not all(_finite(v) for v in values):
                 return True                        # nothing to add: no epoch, one already recorded, or NaN
             run.step = int(step)
@@ -168,6 +172,15 @@ class StudySearcher(Searcher):
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
         return True
+
+    def _keep_values(self, run: _Running, result: Mapping[str, Any]) -> None:
+        """The ``keep`` metrics (constrained, not objectives: what the sampler's ``constraints_func`` reads), each
+        written when it changes."""
+        for name in getattr(self, "_keep", ()):     # a searcher pickled before ``keep`` existed has none
+            value = result.get(name)
+            if _finite(value) and run.kept.get(name) != value:
+                self.storage.set_trial_user_attr(run.storage_id, COST_ATTR.format(name), float(value))
+                run.kept[name] = float(value)
 
     def _sync(self, run: _Running) -> None:
         """Take up the epochs the study holds for this trial: a trial a resumed search runs again (handed back by

@@ -35,7 +35,7 @@ from drcapsnet.train import train
 from search import tracking
 from search.experiment import Experiment
 from search.space import trial_run
-from search.tune import recovery
+from search.tune import objectives_run, recovery
 from search.tune.searcher import FAILURE_KEY, split_config, trial_run_name
 
 CONFIRM_SEED = "drcaps_confirm_seed"   # config key of a confirmation run: its seed index (1, 2, ...)
@@ -132,7 +132,7 @@ class TrialRecorder:
         self.logged, self.resume, self.perf_logged = 0, None, False
         self.restored: dict[str, float] = {}   # the metrics of the epoch a restored checkpoint holds
         self.mark, self.stopped_at = time.perf_counter(), None
-        self.n_train = 0
+        self.n_train, self.costs = 0, objectives_run.TrialCosts(ctx.experiment.search.measured_costs, self.run)
 
     @contextlib.contextmanager
     def timing(self, key: str) -> Iterator[None]:
@@ -196,7 +196,7 @@ class TrialRecorder:
         control back."""
         from ray import tune
 
-        now = time.perf_counter()
+        now, metrics = time.perf_counter(), self.costs.add(metrics, self.logger)   # + the costs searched (if any)
         train_s = self.n_train / metrics["images_per_s"]
         self.perf["perf_train_s"] += train_s
         self.perf["perf_eval_s"] += max(0.0, metrics["epoch_s"] - train_s)
@@ -225,7 +225,7 @@ class TrialRecorder:
         from ray import tune
 
         self.end("FINISHED")
-        tune.report({**self.restored, "mlflow_run_id": self.run_id})
+        tune.report({**self.costs.add(self.restored), "mlflow_run_id": self.run_id})
 
     def close(self) -> None:
         """The working folder gone and the whole breakdown logged once (an earlier attempt's stands), the trial's
