@@ -19,6 +19,17 @@ from search.experiment import Experiment, dump_experiment, experiment_from_dict,
 from search.space import apply_params, trial_run
 
 
+def precision_of(run: RunConfig) -> str:
+    """``bf16`` or ``fp32``: what ``run`` computes in on this machine (drcapsnet/precision.py: CPU bf16 only where the
+    CPU has it natively)."""
+    import torch
+
+    from drcapsnet.precision import resolve_precision
+
+    device = "cuda" if run.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    return resolve_precision(torch.device(device), run.train.bf16).name
+
+
 def versions() -> dict[str, str]:
     """What this process runs under: drcaps, torch, Python, and CUDA/cuDNN where torch has them."""
     import importlib.metadata
@@ -53,6 +64,7 @@ def best_experiment(exp: Experiment, params: Mapping[str, Any], *, metrics: Mapp
         "trial_id": trial_id,
         "source_experiment": exp.name,
         "versions": versions(),
+        "precision": precision_of(run if run is not None else apply_params(exp, params)),
         **to_plain(dict(extra or {})),
     }
     return dataclasses.replace(exp, run=run if run is not None else apply_params(exp, params), result=result)

@@ -157,6 +157,10 @@ def _retrain_note(config: Path, run: RunConfig) -> str | None:
     diffs = [f"{k} {v} here {now.get(k, 'none')}" for k, v in result["versions"].items() if str(now.get(k)) != str(v)]
     diffs += [f"train.{f} {getattr(exp.run.train, f)!r} -> {getattr(run.train, f)!r}"
               for f in ("num_threads", "device", "bf16", "seed") if getattr(exp.run.train, f) != getattr(run.train, f)]
+    from search.export import precision_of
+
+    if result.get("precision") and (here := precision_of(run)) != result["precision"]:
+        diffs.append(f"precision {result['precision']} here {here}")
     trial = f"trial {result.get('trial_id') or '?'} of '{result.get('source_experiment', exp.name)}'"
     if diffs:
         return f"note: this run differs from {trial} ({'; '.join(diffs)}): its numbers may differ from the trial's"

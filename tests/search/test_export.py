@@ -47,6 +47,7 @@ def test_best_experiment_applies_params_and_records_the_result() -> None:
     assert b.run == apply_params(source(), PARAMS)
     assert b.search == source().search and b.tracking == source().tracking and b.name == "src"
     versions = b.result.pop("versions")
+    assert b.result.pop("precision") in ("bf16", "fp32")
     assert b.result == {"metrics": METRICS, "params": PARAMS, "mlflow_run_id": "r123",
                         "model_uri": "models:/src-capsnet/1", "trial_id": "t_0001", "source_experiment": "src"}
     assert {"python", "torch", "drcaps"} <= versions.keys() and all(isinstance(v, str) for v in versions.values())
