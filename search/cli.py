@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import signal
 import sys
 import threading
@@ -110,6 +111,8 @@ exit codes: 0 done, 2 a bad input (one 'error:' line, before any work starts), 1
   drcaps search experiments/quickstart.yaml --smoke-test          2 trials x 1 epoch, recorded apart
   drcaps search experiments/quickstart.yaml --set search.num_samples=40 --set train.epochs=10
   drcaps search experiments/quickstart.yaml --resume              continue after Ctrl-C
+  drcaps search experiments/quickstart.yaml --extend 10           10 more trials of the finished search
+  drcaps search narrow.yaml --warm-start quickstart               start from quickstart's trials that fit
   drcaps search experiments/quickstart.yaml --address ray://127.0.0.1:10001 --tracking-uri http://mlflow:5000""",
     "export-best": """examples:
   drcaps export-best --experiment quickstart --out best.yaml
@@ -179,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where to export the best config (default: <experiment>.best.yaml here)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted search of this experiment (same --address)")
+    p.add_argument("--extend", type=int, metavar="N", help="N more trials of the finished search (same study, @best)")
+    p.add_argument("--warm-start", metavar="NAME", help="seed a new search with NAME's trials that fit its space")
     p.add_argument("--smoke-test", action="store_true",
                    help="2 trials x 1 epoch on at most 256 images, recorded apart (experiment NAME-smoke)")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -251,14 +256,19 @@ def _call(args: argparse.Namespace) -> int:
     if args.command == "search":
         from search.tune import is_ray_client
 
+        overrides = args.set + [f"search.warm_start.experiment={json.dumps(n)}" for n in [args.warm_start] if n]
+        if is_ray_client(args.address) and args.extend is not None:
+            raise UsageError("--extend: not through ray:// (the state file is on the head); run it on the head with "
+                             "--address auto, e.g. docker compose exec ray-head drcaps search EXP.yaml --extend N")
         if is_ray_client(args.address):          # the same plan, run and publish, on the cluster's head
             return commands.search_through_ray_client(
-                args.experiment, list(args.set), address=args.address, tracking_uri=args.tracking_uri,
+                args.experiment, overrides, address=args.address, tracking_uri=args.tracking_uri,
                 storage_path=args.storage_path, out=args.out, resume=args.resume, smoke_test=args.smoke_test,
                 verbose=args.verbose)
-        return commands.search_command(args.experiment, list(args.set), address=args.address,
+        return commands.search_command(args.experiment, overrides, address=args.address,
                                        tracking_uri=args.tracking_uri, storage_path=args.storage_path, out=args.out,
-                                       resume=args.resume, smoke_test=args.smoke_test, verbose=args.verbose)
+                                       resume=args.resume, smoke_test=args.smoke_test, verbose=args.verbose,
+                                       extend=args.extend)
     if args.command == "export-best":
         return commands.export_best_command(args.experiment, args.out, tracking_uri=args.tracking_uri,
                                             fmt=args.format, csv=args.csv)

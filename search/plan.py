@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drcapsnet.errors import UsageError
-from search import preflight, state, tracking
+from search import earlier, preflight, state, tracking
 from search.experiment import Experiment, load_experiment
 from search.storage import optuna_storage_url
 
@@ -38,6 +38,9 @@ class SearchPlan:
     default_uri: bool = True          # neither the command line nor the machine named a tracking URI
     source: Path | None = None        # the experiment file as the user named it (for the resume hint)
     flags: tuple[tuple[str, str], ...] = ()   # the flags the user gave that a resume must repeat
+    extend: int | None = None         # --extend N: N more trials of the finished search ``extends``
+    extends: earlier.EarlierSearch | None = None
+    warm_start: earlier.EarlierSearch | None = None   # search.warm_start: the search whose trials seed this one
 
     @property
     def folder(self) -> Path:
@@ -82,6 +85,7 @@ def smoke_experiment(exp: Experiment) -> Experiment:
                                  scheduler=dataclasses.replace(exp.search.scheduler, name="none"))
     if getattr(search, "confirm", None) is not None:
         search = dataclasses.replace(search, confirm=None)
+    search = dataclasses.replace(search, warm_start=None)   # one epoch: another metric than the source's
     # Apart from the real searches: its own name (Ray folder, lock, export file), MLflow experiment and registered
     # model, and its parent run tagged drcaps.smoke_test, so no "latest"/"best" lookup of the real experiment sees it.
     smoke_tracking = dataclasses.replace(exp.tracking, experiment=f"{exp.mlflow_experiment}-smoke",
@@ -92,13 +96,18 @@ def smoke_experiment(exp: Experiment) -> Experiment:
 def make_plan(experiment: Path | Experiment, overrides: list[str] | tuple[str, ...] = (), *,
               address: str | None = None, tracking_uri: str | None = None, storage_path: Path | None = None,
               out: Path | None = None, resume: bool = False, smoke_test: bool = False,
-              check_data: bool = True) -> SearchPlan:
+              check_data: bool = True, extend: int | None = None) -> SearchPlan:
     """The search of ``experiment`` (a file, with the dotted ``overrides``; or an Experiment already loaded),
     decided and checked: raises a DrcapsError on any bad input, writes nothing. ``check_data``: load the data once
     up front (the command does; a library caller that has just loaded it may skip it)."""
     for flag, value in (("--tracking-uri", tracking_uri), ("--address", address)):
         if value is not None and not value.strip():
             raise UsageError(f"{flag}: empty; leave it out for the default, or give a value")
+    if extend is not None and extend < 1:
+        raise UsageError(f"--extend: {extend} trials; give the number of trials to add, 1 or more")
+    if extend is not None and resume:
+        raise UsageError("--extend: cannot be combined with --resume; finish the interrupted search with --resume "
+                         "first, then extend it")
     loaded = experiment if isinstance(experiment, Experiment) else load_experiment(experiment, list(overrides))
     exp = smoke_experiment(loaded) if smoke_test else loaded
     given_uri, given_storage = tracking_uri, storage_path
@@ -111,8 +120,15 @@ def make_plan(experiment: Path | Experiment, overrides: list[str] | tuple[str, .
         smoke_test=smoke_test, default_uri=tracking_uri is None and exp.tracking.uri is None,
         source=experiment if isinstance(experiment, Path) else None,
         flags=tuple((f, str(v)) for f, v in (("--storage-path", given_storage), ("--tracking-uri", given_uri),
-                                             ("--address", address)) if v))
-    check_plan(plan, check_data=check_data)
+                                             ("--address", address)) if v), extend=extend)
+    check_plan(plan, check_data=False)
+    if extend is not None:                   # the earlier search (MLflow, state file): before the data's seconds
+        plan = dataclasses.replace(plan, extends=earlier.finished_search(
+            exp, plan.folder, uri, plan.storage_url, plan.resume_command()))
+    elif not resume:
+        plan = dataclasses.replace(plan, warm_start=earlier.warm_start_source(exp, uri, plan.storage_url))
+    if check_data:
+        preflight.check_data(exp.run, dict(exp.search.space))
     return plan
 
 
@@ -128,7 +144,8 @@ def check_plan(plan: SearchPlan, *, check_data: bool = True) -> None:
     preflight.check_optuna_storage(plan.storage_url)
     preflight.check_metric_every_epoch(s.metric, exp.run.train.epochs, exp.run.train.eval_interval, s.space,
                                        s.scheduler.name)
-    state.SearchLock(plan.folder / state.LOCK_FILE).check_free(exp.name)
+    if not plan.extend:                                    # --extend says more (earlier.finished_search)
+        state.SearchLock(plan.folder / state.LOCK_FILE).check_free(exp.name)
     preflight.check_address(plan.address)
     preflight.check_space_corners(exp)
     if check_data:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from drcapsnet.config import RunConfig
-from search import ranking, tracking
+from search import earlier, ranking, tracking
 from search.plan import SearchPlan
 from search.space import trial_run
 from search.tune import ConfirmRun, SearchRecords, TrialSummary, scored
@@ -44,6 +44,7 @@ class SearchResult:
     raw_best: TrialSummary | None = None      # the search's own best (differs from ``best`` after confirmation)
     confirmations: tuple[ConfirmRun, ...] = ()
     confirmed: dict[int, dict[str, float]] = field(default_factory=dict)   # trial number -> mean, std, n, failed
+    taken: tuple[earlier.TakenTrial, ...] = ()   # copied by a warm start: shown, never crowned (docs/notes.md)
     front: Any = None                 # several objectives: the Pareto front (search/publish/front.py ``Front``)
 
 
@@ -91,22 +92,26 @@ def publish(plan: SearchPlan, records: SearchRecords) -> SearchResult:
         metrics |= {f"confirmed_{s.metric}_mean": stats[best.number]["mean"],
                     f"confirmed_{s.metric}_std": stats[best.number]["std"],
                     "confirmed_n": stats[best.number]["n"]}
+    from search.tune.extend import round_of
+
+    rounds = round_of(Path(records.folder).name)          # --extend: the outcome again, one step on
     tracking.log_metrics(records.tracking_uri, records.parent_run_id,
-                         {k: v for k, v in metrics.items() if math.isfinite(float(v))})
+                         {k: v for k, v in metrics.items() if math.isfinite(float(v))}, step=rounds)
     raw = scored(records.trials)[0]
     tracking.end_run(records.tracking_uri, records.parent_run_id, "FINISHED", {
         **{f"drcaps.best.{k}": str(v) for k, v in best.params.items()},
         "drcaps.best_trial_id": best.trial_id, "drcaps.best_run_id": best.run_id or "",
         "drcaps.best_trial": str(best.number), "drcaps.raw_best_trial": str(raw.number),
         "drcaps.confirmed": "true" if stats else "false",
-        f"drcaps.best_{s.metric}": f"{best.metric:.6f}", "drcaps.model_uri": model_uri or ""}
+        f"drcaps.best_{s.metric}": f"{best.metric:.6f}", "drcaps.model_uri": model_uri or "",
+        "drcaps.extensions": str(rounds), "drcaps.trials": str(len(records.trials))}
         | ({"drcaps.registration_error": error} if (error := next(
             (p for p in problems if p.startswith("could not register")), None)) else {}))
     result = SearchResult(
         exp, best, records.trials, trial_run(exp, best.params, s.resources.cpu, s.resources.gpu),
         records.tracking_uri, records.parent_run_id, best.run_id, model_uri, records.study_name,
         records.storage_url, records.folder, raw_best=raw, confirmations=records.confirmations, confirmed=stats,
-        front=front)
+        taken=tuple(earlier.taken_trials(records.storage_url, records.study_name)), front=front)
     report = outputs.write_report(result, problems)
     return outputs.with_report(result, report, problems)
 
@@ -122,6 +127,8 @@ def _register(records: SearchRecords, best: TrialSummary, problems: list[str]) -
     if best.run_id is None:
         return None
     registered = exp.registered_model
+    if _crowned_already(records.tracking_uri, registered, best.run_id):   # --extend kept the winner: no new version
+        return f"models:/{registered}@best"
     try:                  # the search's results must outlive a registry that fails now, at its very end
         with tempfile.TemporaryDirectory(prefix="drcaps-best-") as d:
             path = tracking.download_artifacts(records.tracking_uri, best.run_id, f"checkpoint/{BEST}", Path(d))
@@ -137,3 +144,11 @@ def _register(records: SearchRecords, best: TrialSummary, problems: list[str]) -
         problems.append(f"could not register the best model as {registered!r} ({type(e).__name__}: {e}); its "
                         f"checkpoint is artifact checkpoint/best.pt of MLflow run {best.run_id}")
         return None
+
+
+def _crowned_already(uri: str, registered: str, run_id: str) -> bool:
+    """Whether ``registered@best`` already holds the checkpoint of run ``run_id``."""
+    try:
+        return tracking.model_version(uri, registered, "best")["run_id"] == run_id
+    except tracking.TrackingError:               # no such model or alias yet
+        return False

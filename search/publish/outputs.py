@@ -141,6 +141,26 @@ def confirmation_lines(result: SearchResult) -> list[str]:
             "  " + "; ".join([head, *others])]
 
 
+TOP_TAKEN = 10        # taken trials listed in the summary
+
+
+def taken_lines(result: SearchResult) -> list[str]:
+    """The trials a warm start copied, with their runs: shown, not ranked above, never crowned."""
+    taken = getattr(result, "taken", ())            # (a stand-in result without the field: none)
+    if not taken:
+        return []
+    metric = result.experiment.search.metric
+    out = ["", f"taken from an earlier search without retraining ({len(taken)}; never crowned here, their runs "
+               "and checkpoints belong to that search):"]
+    for t in taken[:TOP_TAKEN]:
+        value = f"{metric} {t.value:.4f}" if t.value is not None else "stopped early"
+        link = tracking.run_url(result.tracking_uri, t.run_id) if t.run_id else "no MLflow run recorded"
+        out.append(f"  trial {t.number} <- {t.source}  {value}  {link}")
+    if len(taken) > TOP_TAKEN:
+        out.append(f"  ... and {len(taken) - TOP_TAKEN} more (the report lists every one)")
+    return out
+
+
 def summary_lines(result: SearchResult, *, export_path: Any, csv_path: Any, links: Mapping[str, str],
                   report_path: Any = None, top: int = 10) -> list[str]:
     """What ``drcaps search`` prints when the search is over: the ranked trials, the confirmation, the best config,
@@ -156,7 +176,7 @@ def summary_lines(result: SearchResult, *, export_path: Any, csv_path: Any, link
     shown = f"top {top} of {len(result.trials)}" if len(result.trials) > top else f"all {len(result.trials)}"
     out = ["", f"trials ranked by their best {s.metric} ({shown}):"]
     out += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    out += confirmation_lines(result) + front.front_lines(result, export_path)
+    out += confirmation_lines(result) + taken_lines(result) + front.front_lines(result, export_path)
     best = result.best
     confirmed = result.confirmed.get(best.number) if best.number is not None else None
     out += ["", f"best: trial {best.number if best.number is not None else best.trial_id}, {s.metric} "

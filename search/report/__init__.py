@@ -36,6 +36,7 @@ from search.report.data import (
 from search.report.front import first_objective_study, front_sections
 from search.report.model import model_sections
 from search.report.study import learning_curves, open_study, study_sections
+from search.report.warm import warm_start_section
 
 __all__ = ["FIGURES", "REPORT_ARTIFACT", "SearchData", "Section", "build_sections", "open_study", "render_html",
            "report_search", "write_report"]
@@ -50,7 +51,8 @@ def build_sections(uri: str, data: SearchData) -> list[Section]:
                 *model_sections(data, uri)]
     assert [s.key for s in sections] == list(FIGURES), [s.key for s in sections]
     confirmed = confirmation_section(data, uri)          # only for a search that confirmed its winner
-    return sections[:4] + front_sections(data) + [s for s in (confirmed,) if s is not None] + sections[4:]
+    taken = warm_start_section(data, study, uri)         # only for a warm-started search
+    return sections[:4] + front_sections(data) + [s for s in (confirmed, taken) if s is not None] + sections[4:]
 
 
 def _summary(data: SearchData, uri: str) -> str:

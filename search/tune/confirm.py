@@ -54,18 +54,22 @@ def confirm(search: OpenSearch, trials: list[TrialSummary], datasets: Datasets |
 
     exp, c = search.exp, search.exp.search.confirm
     assert c is not None
-    points = confirmation_points(trials, c.top_k, c.seeds)
-    if not points:
-        return ()
     s = exp.search
+    wanted = confirmation_points(trials, c.top_k, c.seeds)
+    done = {key: run for key, run in finished_runs(search.uri, search.parent_run_id, s.metric, s.mode).items()
+            if key in {(p[TRIAL_NUMBER], p[CONFIRM_SEED]) for p in wanted}}     # an extension reuses these
+    points = [p for p in wanted if (p[TRIAL_NUMBER], p[CONFIRM_SEED]) not in done]
+    if not points:
+        return tuple(sorted(done.values(), key=lambda r: (r.number, r.seed)))
     ctx = TrialContext(exp, search.uri, exp.mlflow_experiment, search.parent_run_id, s.resources.cpu,
                        s.resources.gpu, resplit=c.resplit)
     trainable = tune.with_resources(tune.with_parameters(run_confirmation, ctx=ctx, datasets=datasets),
                                     {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
-    folder = search.plan.folder / f"{search.study_name}-confirm"
+    folder = search.plan.folder / f"{search.folder.name}-confirm"
     if verbose >= 1:
-        print(f"confirming the top {len(points) // c.seeds} trials with {c.seeds} new seeds each "
-              f"({len(points)} runs{', fresh validation splits' if c.resplit else ''})", flush=True)
+        print(f"confirming the top {len(wanted) // c.seeds} trials with {c.seeds} new seeds each "
+              f"({len(points)} runs{', fresh validation splits' if c.resplit else ''}"
+              f"{f'; {len(done)} done before' if done else ''})", flush=True)
     if folder.is_dir() and (folder / "tuner.pkl").exists():
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -86,8 +90,21 @@ def confirm(search: OpenSearch, trials: list[TrialSummary], datasets: Datasets |
         raise KeyboardInterrupt
     runs = _collect(results, s.metric, s.mode)
     _close_runs(search.uri, search.parent_run_id, runs)
+    runs = tuple(sorted(({**done, **{(r.number, r.seed): r for r in runs}}).values(), key=lambda r: (r.number, r.seed)))
     record_in_study(search.storage_url, search.study_name, s.metric, runs)
     return runs
+
+
+def finished_runs(uri: str, parent_run_id: str, metric: str, mode: str) -> dict[tuple[int, int], ConfirmRun]:
+    """The search's FINISHED confirmation runs in MLflow, by (trial number, seed index): what an extension (or a
+    resume) need not run again. Their value: the best of ``metric`` at any epoch (search/ranking.py)."""
+    out = {}
+    for r in tracking.child_runs(uri, parent_run_id, role="confirm"):
+        found = ranking.best_epoch(tracking.metric_history(uri, r.run_id, metric), mode)
+        if r.status == "FINISHED" and found is not None and r.tags.get("drcaps.confirms_trial", "").isdigit():
+            key = (int(r.tags["drcaps.confirms_trial"]), int(r.tags.get("drcaps.confirm_seed", "0")))
+            out[key] = ConfirmRun(*key, found[1], "finished", r.run_id)
+    return out
 
 
 def _dirname(trial: Any) -> str:

@@ -35,7 +35,7 @@ from search.progress import SearchProgress
 from search.state import STATE_FILE
 from search.storage import create_optuna_schema
 from search.stores import masked
-from search.tune import lean, live, recovery, runtime, studies
+from search.tune import extend, lean, live, recovery, runtime, studies
 from search.tune.results import (
     SearchRecords,
     close_trial_runs,
@@ -44,7 +44,7 @@ from search.tune.results import (
     recorded_trial_ids,
     summaries,
 )
-from search.tune.searcher import make_scheduler, make_searcher, trial_dirname
+from search.tune.searcher import make_scheduler, trial_dirname
 from search.tune.trial import TrialContext, remove_temp_folders, run_trial, shared_datasets
 
 if TYPE_CHECKING:
@@ -61,7 +61,8 @@ def run_search(plan: SearchPlan, verbose: int = 1) -> SearchRecords:
     from search.tune.confirm import confirm
 
     with _ray_and_lock(plan, verbose, lambda: _prepare(plan)) as datasets:     # stores, data
-        search = _reopen(plan) if plan.resume else _open(plan)                  # parent run, study
+        search = (_reopen(plan) if plan.resume else OpenSearch(plan, *extend.extension(plan)) if plan.extend
+                  else _open(plan))                                            # parent run, study
         with _killed_on_exit(search):                         # error or Ctrl-C: parent run KILLED, re-raised
             results = _fit(_tuner(search, verbose, datasets), search, verbose)
         trials = _close(search, results)                      # Optuna, MLflow trial runs
@@ -101,6 +102,7 @@ class OpenSearch:
     plan: SearchPlan
     study_name: str
     parent_run_id: str
+    tune_name: str = ""               # Tune's folder when not the study's name: an extension's <study>-extend-<k>
 
     @property
     def exp(self) -> Experiment:
@@ -116,7 +118,7 @@ class OpenSearch:
 
     @property
     def folder(self) -> Path:     # Tune's experiment folder
-        return self.plan.folder / self.study_name
+        return self.plan.folder / (self.tune_name or self.study_name)
 
 
 @contextlib.contextmanager
@@ -183,7 +185,7 @@ def _reopen(plan: SearchPlan) -> OpenSearch:
     saved = json.loads((plan.folder / STATE_FILE).read_text())
     recovery.stop_leftovers(saved)                            # what the killed driver's own Ray left running
     (plan.folder / STATE_FILE).write_text(json.dumps({**saved, **recovery.session_record()}))
-    search = OpenSearch(plan, saved["study_name"], saved["parent_run_id"])
+    search = OpenSearch(plan, saved["study_name"], saved["parent_run_id"], saved.get("tune_name", ""))
     recovery.repair_tune_state(search.folder, saved.get("ray_session_dir"))   # a state cut short by the kill
     tracking.reopen_run(search.uri, search.parent_run_id)
     studies.reconcile_study(search.storage_url, search.study_name, search.folder)
@@ -215,14 +217,14 @@ def _tuner(search: OpenSearch, verbose: int, datasets: Datasets | None) -> Any:
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=s.metric, mode=s.mode, num_samples=s.num_samples, time_budget_s=s.time_budget_s,
-            reuse_actors=True, trial_dirname_creator=trial_dirname,
-            search_alg=ConcurrencyLimiter(make_searcher(exp, search.study_name, search.storage_url),
+            metric=s.metric, mode=s.mode, num_samples=search.plan.extend or s.num_samples,
+            time_budget_s=s.time_budget_s, reuse_actors=True, trial_dirname_creator=trial_dirname,
+            search_alg=ConcurrencyLimiter(extend.searcher(search),
                                           max_concurrent=s.max_concurrent),
             scheduler=make_scheduler(exp, exp.run.train.epochs)),
         run_config=tune.RunConfig(
             # Ray's own tables only under -v (verbose 2): the live view (search/progress.py) is the default.
-            name=search.study_name, storage_path=str(search.plan.folder), verbose=0 if verbose < 2 else 2,
+            name=search.folder.name, storage_path=str(search.plan.folder), verbose=0 if verbose < 2 else 2,
             callbacks=[live.progress_callback(exp.run.train.epochs), *lean.lean_callbacks()],
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints, checkpoint_score_attribute=s.metric,
@@ -230,7 +232,8 @@ def _tuner(search: OpenSearch, verbose: int, datasets: Datasets | None) -> Any:
     search.plan.folder.mkdir(parents=True, exist_ok=True)
     (search.plan.folder / STATE_FILE).write_text(json.dumps({
         "parent_run_id": search.parent_run_id, "study_name": search.study_name,
-        "storage_url": masked(search.storage_url), "tracking_uri": search.uri, **recovery.session_record()}))
+        "storage_url": masked(search.storage_url), "tracking_uri": search.uri, "tune_name": search.tune_name,
+        **recovery.session_record()}))
     return tuner
 
 
@@ -244,7 +247,7 @@ def _fit(tuner: Any, search: OpenSearch, verbose: int) -> Any:
     tune_catches = (not ray.util.client.ray.is_connected()
                     and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")))   # the switch Tune reads
     threading.Thread(target=_warm_end_of_search, name="drcaps-warm", daemon=True).start()
-    view = SearchProgress(s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
+    view = SearchProgress(search.plan.extend or s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
                           live=None if verbose == 1 else False) if verbose >= 1 else None
     with runtime.tune_interrupt_watch(tune_catches) as interrupted, live.showing(view):
         results = tuner.fit()
@@ -264,6 +267,7 @@ def _close(search: OpenSearch, results: Any) -> list:
     # Every trial of this search, those a killed driver lost included (they have an MLflow run, no Ray result).
     remove_temp_folders([str((r.metrics or {}).get("trial_id")) for r in results if (r.metrics or {}).get("trial_id")]
                         + recorded_trial_ids(search.uri, search.parent_run_id))
+    results = [*extend.earlier_results(search), *results]       # an extension ranks every trial of the search
     studies.close_study(search.storage_url, search.study_name, results, s.metric, s.mode)
     trials = summaries(results, s.metric, s.mode, search.exp.run.train.epochs)
     return close_trial_runs(search.uri, search.parent_run_id, trials)

@@ -1,0 +1,135 @@
+"""search.warm_start and --extend without a search: which old trials fit the new space and why not (pure), the
+``search.warm_start`` section's validation, and the bad inputs refused in one line (exit code 2) before Ray."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drcapsnet.errors import ConfigError
+from search.cli import main
+from search.experiment import experiment_from_dict
+from search.warm_start import OldTrial, changed_settings, fits, select
+
+OLD: dict[str, Any] = {
+    "model": {"units": 8, "routing_iterations": 2, "conv_channels": 16},
+    "data": {"dataset": "digits", "limit_train": 400, "data_dir": "/a"},
+    "train": {"epochs": 2, "lr": 0.01, "momentum": 0.9, "device": "cpu", "seed": 0},
+    "search": {"metric": "val_acc", "mode": "max", "space": {
+        "train.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+        "model.units": {"type": "categorical", "choices": [4, 8, 16]}}},
+}
+
+
+def _new(**space: dict[str, Any]) -> dict[str, Any]:
+    new = copy.deepcopy(OLD)
+    new["search"]["space"] = space
+    return new
+
+
+def test_fits_bounds_steps_choices_and_types() -> None:
+    assert fits(0.01, {"type": "float", "low": 1e-3, "high": 0.1})
+    assert not fits(0.2, {"type": "float", "low": 1e-3, "high": 0.1})
+    assert fits(4, {"type": "int", "low": 2, "high": 8, "step": 2})
+    assert not fits(5, {"type": "int", "low": 2, "high": 8, "step": 2})
+    assert not fits(2.5, {"type": "int", "low": 1, "high": 5})
+    assert fits(8, {"type": "categorical", "choices": [4, 8]})
+    assert not fits(True, {"type": "categorical", "choices": [1, 4]})       # YAML's true is not 1
+    assert not fits(float("nan"), {"type": "float", "low": 0.0, "high": 1.0})
+
+
+def test_narrower_space_takes_what_fits_and_counts_the_rest_by_reason() -> None:
+    new = _new(**{"train.lr": {"type": "float", "low": 5e-3, "high": 5e-2, "log": True},
+                  "model.units": {"type": "categorical", "choices": [8, 16]}})
+    trials = [OldTrial(0, "COMPLETE", {"train.lr": 0.01, "model.units": 8}),
+              OldTrial(1, "PRUNED", {"train.lr": 0.02, "model.units": 16}),
+              OldTrial(2, "COMPLETE", {"train.lr": 0.09, "model.units": 8}),      # lr outside
+              OldTrial(3, "COMPLETE", {"train.lr": 0.01, "model.units": 4}),      # units outside
+              OldTrial(4, "COMPLETE", {"train.lr": 0.002, "model.units": 8}),     # lr outside
+              OldTrial(5, "FAIL", {"train.lr": 0.01, "model.units": 8}),
+              OldTrial(6, "RUNNING", {"train.lr": 0.01, "model.units": 8})]
+    chosen = select(trials, OLD, new)
+    assert chosen.taken == {0: {"train.lr": 0.01, "model.units": 8}, 1: {"train.lr": 0.02, "model.units": 16}}
+    assert dict(chosen.skipped) == {"with train.lr outside the new space": 2,
+                                    "with model.units outside the new space": 1, "failed or unfinished": 2}
+    assert chosen.line("old (s)") == ("warm start from old (s): took 2 of 7 trials; not taken: 2 with train.lr "
+                                      "outside the new space; 2 failed or unfinished; 1 with model.units outside "
+                                      "the new space")
+
+
+def test_a_field_the_old_search_varied_and_the_new_fixes_is_a_reason() -> None:
+    new = _new(**{"train.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}})
+    chosen = select([OldTrial(0, "COMPLETE", {"train.lr": 0.01, "model.units": 8})], OLD, new)
+    assert not chosen.taken and dict(chosen.skipped) == {"searched model.units, which the new search fixes": 1}
+
+
+def test_a_field_the_old_search_fixed_is_filled_in_where_it_fits() -> None:
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+             "model.units": {"type": "categorical", "choices": [4, 8, 16]}}
+    fits_it = _new(**space, **{"train.momentum": {"type": "float", "low": 0.5, "high": 0.95}})
+    outside = _new(**space, **{"train.momentum": {"type": "float", "low": 0.5, "high": 0.8}})
+    trial = OldTrial(0, "COMPLETE", {"train.lr": 0.01, "model.units": 8})
+    assert select([trial], OLD, fits_it).taken == {0: {"train.lr": 0.01, "model.units": 8, "train.momentum": 0.9}}
+    assert dict(select([trial], OLD, outside).skipped) == {
+        "with train.momentum fixed at 0.9 before, outside the new space": 1}
+
+
+def test_changed_settings_names_what_changes_the_metric_not_runtime_or_searched_fields() -> None:
+    new = copy.deepcopy(OLD)
+    new["data"] |= {"dataset": "mnist", "data_dir": "/b"}                  # data_dir: where, not what
+    new["train"] |= {"epochs": 3, "device": "cuda", "seed": 5, "lr": 0.5}  # lr is searched: per trial
+    new["model"]["conv_channels"] = 32
+    new["search"]["metric"] = "val_loss"
+    assert changed_settings(OLD, new) == [("data.dataset", "digits", "mnist"), ("model.conv_channels", 16, 32),
+                                          ("search.metric", "val_acc", "val_loss"), ("train.epochs", 2, 3)]
+    assert changed_settings(OLD, new, ["data.dataset", "model.conv_channels", "search.metric", "train.epochs"]) == []
+
+
+def _experiment(tmp: Path, **search: Any) -> dict[str, Any]:
+    return {"name": "ws", "model": {"preset": "tiny"}, "data": {"dataset": "digits", "limit_train": 200},
+            "train": {"epochs": 2, "device": "cpu"},
+            "search": {"num_samples": 2, "scheduler": {"name": "none"},
+                       "space": {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-1}}, **search},
+            "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
+
+
+def test_warm_start_section_every_problem_at_once_with_suggestions(tmp_path: Path) -> None:
+    raw = _experiment(tmp_path, warm_start={"experimnt": "old", "allow_changed": ["data.datset", "train.epochs"]})
+    with pytest.raises(ConfigError) as caught:
+        experiment_from_dict(raw)
+    text = str(caught.value)
+    assert "search.warm_start.experimnt: unknown key (did you mean 'experiment'?)" in text
+    assert "search.warm_start.experiment: required" in text
+    assert "search.warm_start.allow_changed: 'data.datset' is not a setting (did you mean 'data.dataset'?)" in text
+    ok = experiment_from_dict(_experiment(tmp_path, warm_start={"experiment": "old",
+                                                                "allow_changed": ["train.epochs"]}))
+    assert ok.search.warm_start == {"experiment": "old", "allow_changed": ["train.epochs"]}
+
+
+@pytest.fixture
+def exp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "ws.yaml"
+    path.write_text(yaml.safe_dump(_experiment(tmp_path)))
+    return path
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--extend", "0"], "error: --extend: 0 trials; give the number of trials to add, 1 or more"),
+    (["--extend", "-2"], "error: --extend: -2 trials; give the number of trials to add, 1 or more"),
+    (["--extend", "2", "--resume"], "error: --extend: cannot be combined with --resume"),
+    (["--extend", "2"], "error: --extend: no search of 'ws' in "),
+    (["--warm-start", "nothing"], "error: search.warm_start.experiment: no search of 'nothing' at sqlite:///"),
+], ids=["zero", "negative", "with-resume", "no-search", "warm-start-no-search"])
+def test_bad_extend_and_warm_start_are_one_line_exit_2_before_any_work(
+        exp_file: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str) -> None:
+    before = sorted(p.name for p in exp_file.parent.iterdir())
+    assert main(["search", str(exp_file), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert sorted(p.name for p in exp_file.parent.iterdir()) == before      # no store, no Ray folder written
