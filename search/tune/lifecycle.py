@@ -35,7 +35,7 @@ from search.progress import SearchProgress
 from search.state import STATE_FILE
 from search.storage import create_optuna_schema
 from search.stores import masked
-from search.tune import extend, lean, live, recovery, runtime, studies
+from search.tune import diskspace, extend, lean, live, recovery, runtime, studies
 from search.tune.results import (
     SearchRecords,
     close_trial_runs,
@@ -249,8 +249,10 @@ def _fit(tuner: Any, search: OpenSearch, verbose: int) -> Any:
     threading.Thread(target=_warm_end_of_search, name="drcaps-warm", daemon=True).start()
     view = SearchProgress(search.plan.extend or s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
                           live=None if verbose == 1 else False) if verbose >= 1 else None
-    with runtime.tune_interrupt_watch(tune_catches) as interrupted, live.showing(view):
-        results = tuner.fit()
+    disks = diskspace.places_of(search.plan.storage_root, search.uri, search.storage_url)   # room kept, or stop
+    with runtime.tune_interrupt_watch(tune_catches) as interrupted, live.showing(view), diskspace.watching(
+            disks, search.folder, s.max_concurrent, search.plan.resume_command(), enabled=tune_catches):
+        results = tuner.fit()                                 # a disk short of room: stopped as by Ctrl-C, one line
     # Ray Tune handles the first SIGINT itself: it saves the experiment state, stops the trials (in memory they
     # all read TERMINATED now) and fit() RETURNS as if the search had ended. That is an interrupt, to be continued
     # with --resume. Where the watch stays out (Ray Client, TUNE_DISABLE_SIGINT_HANDLER=1, where Tune still stops

@@ -8,6 +8,8 @@ up: the processes its own Ray left running, and Tune's experiment state cut shor
 - ``repair_tune_state``: Tune writes its experiment state to a staging folder in Ray's session folder, then copies
   it to the search's folder. A kill during the copy leaves empty or cut files there (Tune then starts the whole
   experiment again: new trials, a study past ``num_samples``); the staging copy is whole, and put back.
+- A trial's earlier attempts (on Ray's restart of it, or a resume): their temporary folders removed
+  (``remove_temp_folders``), where this attempt runs and the epoch it resumed from (``node_tags``).
 - ``hold``: the kill points the recovery tests (tests/search/test_kill_points.py) stop a trial at.
 """
 
@@ -20,6 +22,7 @@ import pickletools
 import re
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -145,6 +148,34 @@ def repair_tune_state(folder: Path, session_dir: str | None) -> list[str]:
         raise SearchFailedError(f"--resume: Tune's experiment state in {folder} was cut short when the search was "
                                 "killed, and no whole copy is left; start the search again without --resume")
     return restored
+
+
+# ---------------------------------------------------------------------------------------- a trial's earlier attempts
+
+def remove_temp_folders(trial_ids: list[str], keep: Path | None = None) -> None:
+    """Delete this machine's temporary folders of these trials (``drcaps-<trial id>-*``), e.g. of a killed try;
+    ``keep``: the running attempt's own."""
+    for trial_id in trial_ids:
+        for path in Path(tempfile.gettempdir()).glob(f"drcaps-{trial_id}-*"):
+            if keep is None or path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def node_tags(resumed_from: Path | None) -> dict[str, str]:
+    """Where this attempt of a trial runs (``drcaps.node``: host name, ``drcaps.node_ip``, ``drcaps.node_id``), and
+    for a restarted trial the epoch its checkpoint held (``drcaps.resumed_from_epoch``)."""
+    import socket
+
+    import ray
+
+    from drcapsnet.checkpoint import load_checkpoint
+
+    ctx = ray.get_runtime_context()
+    tags = {"drcaps.node": socket.gethostname(), "drcaps.node_ip": ray.util.get_node_ip_address(),
+            "drcaps.node_id": ctx.get_node_id()}
+    if resumed_from is not None:
+        tags["drcaps.resumed_from_epoch"] = str(load_checkpoint(resumed_from)["epoch"])
+    return tags
 
 
 # ---------------------------------------------------------------------------------------- kill points, for tests

@@ -36,6 +36,7 @@ from search import tracking
 from search.experiment import Experiment
 from search.space import trial_run
 from search.tune import objectives_run, recovery
+from search.tune.recovery import node_tags, remove_temp_folders
 from search.tune.searcher import FAILURE_KEY, split_config, trial_run_name
 
 CONFIRM_SEED = "drcaps_confirm_seed"   # config key of a confirmation run: its seed index (1, 2, ...)
@@ -280,29 +281,3 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, datasets: Datasets | No
         WORKER.idle_since = time.perf_counter()
         done.set()
         WORKER.ending.remove(done)
-
-
-def remove_temp_folders(trial_ids: list[str], keep: Path | None = None) -> None:
-    """Delete this machine's temporary folders of these trials (``drcaps-<trial id>-*``), e.g. of a killed try;
-    ``keep``: the running attempt's own."""
-    for trial_id in trial_ids:
-        for path in Path(tempfile.gettempdir()).glob(f"drcaps-{trial_id}-*"):
-            if keep is None or path != keep:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def node_tags(resumed_from: Path | None) -> dict[str, str]:
-    """Where this attempt of a trial runs (``drcaps.node``: host name, ``drcaps.node_ip``, ``drcaps.node_id``), and
-    for a restarted trial the epoch its checkpoint held (``drcaps.resumed_from_epoch``)."""
-    import socket
-
-    import ray
-
-    from drcapsnet.checkpoint import load_checkpoint
-
-    ctx = ray.get_runtime_context()
-    tags = {"drcaps.node": socket.gethostname(), "drcaps.node_ip": ray.util.get_node_ip_address(),
-            "drcaps.node_id": ctx.get_node_id()}
-    if resumed_from is not None:
-        tags["drcaps.resumed_from_epoch"] = str(load_checkpoint(resumed_from)["epoch"])
-    return tags
