@@ -117,3 +117,13 @@ def test_scheduler_is_mo_asha_for_several_objectives_and_asha_for_one(tmp_path):
                                    "search": {"space": {"model.units": {"type": "categorical", "choices": [4, 8]}},
                                               "scheduler": {"name": "asha"}}}, base_dir=tmp_path)
     assert type(make_scheduler(single, 4)) is AsyncHyperBandScheduler
+
+
+def test_confirm_with_several_objectives_is_one_problem_before_any_work(tmp_path):
+    from drcapsnet.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _experiment(tmp_path, confirm={"top_k": 2, "seeds": 2})
+    lines = str(e.value).splitlines()[1:]                                 # the file, then one line per problem
+    assert [line.split(":")[0].strip() for line in lines] == ["search.confirm"]
+    assert "one objective only" in lines[0]
