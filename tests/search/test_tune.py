@@ -26,6 +26,7 @@ from search.export import export_from_tracking
 from search.publish import SearchResult
 from search.space import trial_run
 from search.tune import init_ray, make_searcher, tune_interrupt_watch
+from tests.conftest import E2E_SEED
 
 SPACE = {
     "model.routing_iterations": {"type": "int", "low": 1, "high": 3},
@@ -52,7 +53,7 @@ def _experiment(tmp: Path, **search: object) -> object:
 def searched(searched: tuple[SearchResult, Path]) -> tuple[SearchResult, Path]:
     """The session's one real search (tests/conftest.py): this module's experiment, one trial at a time."""
     result, tmp = searched
-    assert result.experiment == _experiment(tmp, max_concurrent=1), "tests/conftest.py's search is not e2e's"
+    assert result.experiment == _experiment(tmp, max_concurrent=1, seed=E2E_SEED), "tests/conftest.py's is not e2e"
     return searched
 
 
