@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drcapsnet.errors import UsageError
-from search import earlier, preflight, state, tracking
+from search import cluster_auth, earlier, preflight, state, tracking
 from search.experiment import Experiment, load_experiment
 from search.storage import optuna_storage_url
 
@@ -139,6 +139,7 @@ def check_plan(plan: SearchPlan, *, check_data: bool = True) -> None:
     for path in (plan.out, plan.csv, plan.report):
         preflight.check_output("--out", path)
     tracking.check_tracking_uri(plan.tracking_uri)
+    cluster_auth.check_mlflow_login(plan.tracking_uri)     # a server with a login: ours works
     tracking.check_names(exp.mlflow_experiment, exp.registered_model)
     preflight.check_storage(plan.storage_root, exp.name, plan.resume)
     preflight.check_optuna_storage(plan.storage_url)

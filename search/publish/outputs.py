@@ -96,6 +96,7 @@ def _copy_report(result: SearchResult, out: Path) -> Path | None:
 
 def links(plan: SearchPlan, result: SearchResult) -> dict[str, str]:
     """Where to look next: the MLflow UI (and the pages of the search run and the best trial), Optuna Dashboard."""
+    from search.cluster_auth import as_published
     from search.stores import masked
 
     uri = result.tracking_uri
@@ -103,9 +104,9 @@ def links(plan: SearchPlan, result: SearchResult) -> dict[str, str]:
     if not uri.startswith(("http://", "https://")):
         out["MLflow UI"] = ("drcaps ui" if plan.default_uri else f"drcaps ui --tracking-uri {uri}") \
             + "   (then open the links below)"
-    out["search run (MLflow)"] = tracking.run_url(uri, result.parent_run_id)
+    out["search run (MLflow)"] = as_published(tracking.run_url(uri, result.parent_run_id))   # as a person opens it
     if result.best_run_id:
-        out["best trial (MLflow)"] = tracking.run_url(uri, result.best_run_id)
+        out["best trial (MLflow)"] = as_published(tracking.run_url(uri, result.best_run_id))
     out["Optuna Dashboard"] = f"optuna-dashboard {masked(result.storage_url)}   (pip install optuna-dashboard)"
     return out
 
