@@ -33,22 +33,22 @@ def _closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An existing MLflow store (with one empty experiment) for the read-only commands."""
-    from search import tracking
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    tracking.ensure_experiment(uri, "x")
-    return uri
-
-
-@pytest.fixture(scope="module")
 def http_port() -> Iterator[int]:
     """A real HTTP/1 server on 127.0.0.1: something that accepts connections but is not Ray."""
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:   # not on the test's stderr
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny model after 1 epoch on 100 digits (adam, lr 0.001), saved as ``drcaps train --save-model`` does."""
@@ -66,19 +66,7 @@ BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
 
 
-        def log_message(self, format: str, *args: object) -> None:   # not on the test's stderr
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.fixture()
-    (d / "bomb.yaml").write_text(BOMB)
-    (d / "dup.yaml").write_text(EXPERIMENT.replace("train: {epochs: 2,", "train: {epochs: 2, epochs: 3,"))
 def files(tmp_path: Path, store: str, http_port: int, checkpoint: str) -> dict[str, str]:
     """Inputs outside the working folder: a good experiment, a bad YAML, an empty file, a plain file, a folder."""
     d = tmp_path / "inputs"
@@ -89,6 +77,8 @@ def files(tmp_path: Path, store: str, http_port: int, checkpoint: str) -> dict[s
     (d / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
     (d / "afile").write_text("not a folder")
     (d / "folder").mkdir()
+    (d / "bomb.yaml").write_text(BOMB)
+    (d / "dup.yaml").write_text(EXPERIMENT.replace("train: {epochs: 2,", "train: {epochs: 2, epochs: 3,"))
     return {"exp": str(d / "exp.yaml"), "bad": str(d / "bad.yaml"), "empty": str(d / "empty.yaml"),
             "binary": str(d / "binary.yaml"), "file": str(d / "afile"), "dir": str(d / "folder"),
             "port": str(_closed_port()), "http": str(http_port), "store": store, "ckpt": checkpoint,
@@ -169,6 +159,16 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["--model-uri", "nope"]),
     ("evaluate-unknown-version", ["evaluate", "--model-uri", "models:/x/7", "--tracking-uri", "{store}"],
      ["--model-uri"]),
+    ("export-best-no-search", ["export-best", "--experiment", "x", "--tracking-uri", "{store}", "--out",
+                               "{dir}/b.yaml"], ["'x'"]),
+    ("search-empty-tracking-uri", ["search", "{exp}", "--tracking-uri", ""], ["--tracking-uri", "empty"]),
+    ("search-empty-address", ["search", "{exp}", "--address", " "], ["--address", "empty"]),
+    ("evaluate-zero-batch", ["evaluate", "--checkpoint", "{exp}", "--batch-size", "0"], ["--batch-size"]),
+    ("export-best-without-store", ["export-best", "--experiment", "x", "--out", "{dir}/b.yaml"], ["mlflow.db"]),
+    ("export-best-unknown-scheme", ["export-best", "--experiment", "x", "--tracking-uri", "foo://x",
+                                    "--out", "{dir}/b.yaml"], ["unknown scheme"]),
+    ("ui-without-store", ["ui"], ["mlflow.db"]),
+    ("ui-bad-port", ["ui", "--port", "0"], ["--port"]),
     # issue 21: configs that lie quietly, hostile files, names too long, flags that contradict a checkpoint
     ("duplicate-key", ["search", "{dup}"], ["train.epochs: given twice", "line 4", "keep one"]),
     ("validate-duplicate-key", ["validate", "{dup}"], ["dup.yaml", "train.epochs: given twice"]),
@@ -194,16 +194,6 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["train.lr: 0.5", "holds 0.001 (its optimizer state)", "set it to 0.001"]),
     ("train-optimizer-contradicts-checkpoint", ["train", "--optimizer", "sgd", "--load-model", "{ckpt}",
                                                 "--epochs", "2"], ["train.optimizer: 'sgd'", "'adam'"]),
-    ("export-best-no-search", ["export-best", "--experiment", "x", "--tracking-uri", "{store}", "--out",
-                               "{dir}/b.yaml"], ["'x'"]),
-    ("search-empty-tracking-uri", ["search", "{exp}", "--tracking-uri", ""], ["--tracking-uri", "empty"]),
-    ("search-empty-address", ["search", "{exp}", "--address", " "], ["--address", "empty"]),
-    ("evaluate-zero-batch", ["evaluate", "--checkpoint", "{exp}", "--batch-size", "0"], ["--batch-size"]),
-    ("export-best-without-store", ["export-best", "--experiment", "x", "--out", "{dir}/b.yaml"], ["mlflow.db"]),
-    ("export-best-unknown-scheme", ["export-best", "--experiment", "x", "--tracking-uri", "foo://x",
-                                    "--out", "{dir}/b.yaml"], ["unknown scheme"]),
-    ("ui-without-store", ["ui"], ["mlflow.db"]),
-    ("ui-bad-port", ["ui", "--port", "0"], ["--port"]),
 ]
 
 
