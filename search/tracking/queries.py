@@ -151,6 +151,12 @@ def get_run(uri: str, run_id: str) -> RunRecord:
         raise TrackingError(f"no MLflow run {run_id!r} at {uri}: {e.message}") from e
 
 
+def has_artifact(uri: str, run_id: str, artifact_path: str) -> bool:
+    """Whether run ``run_id`` holds the artifact file ``artifact_path`` (e.g. ``checkpoint/best.pt``)."""
+    folder, _, _ = artifact_path.rpartition("/")
+    return any(f.path == artifact_path for f in mlflow_client(uri).list_artifacts(run_id, folder or None))
+
+
 def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
     """Copy a run's artifact (file or folder) into ``dst``; returns the local path."""
     import mlflow.artifacts

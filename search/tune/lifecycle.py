@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import platform
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +34,7 @@ from search.state import STATE_FILE
 from search.storage import create_optuna_schema
 from search.stores import masked
 from search.tune import diskspace, extend, lean, live, recovery, runtime, studies
+from search.tune.rescue import rescue_best_checkpoints
 from search.tune.results import (
     SearchRecords,
     close_trial_runs,
@@ -246,7 +245,7 @@ def _fit(tuner: Any, search: OpenSearch, verbose: int) -> Any:
     # Through Ray Client (ray://) fit() runs on the cluster: no Tune handler here, Ctrl-C raises as usual.
     tune_catches = (not ray.util.client.ray.is_connected()
                     and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")))   # the switch Tune reads
-    threading.Thread(target=_warm_end_of_search, name="drcaps-warm", daemon=True).start()
+    threading.Thread(target=runtime.warm_end_of_search, name="drcaps-warm", daemon=True).start()
     view = SearchProgress(search.plan.extend or s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
                           live=None if verbose == 1 else False) if verbose >= 1 else None
     disks = diskspace.places_of(search.plan.storage_root, search.uri, search.storage_url)   # room kept, or stop
@@ -266,6 +265,8 @@ def _fit(tuner: Any, search: OpenSearch, verbose: int) -> Any:
 def _close(search: OpenSearch, results: Any) -> list:
     """Temporary folders gone, no Optuna trial left open, every MLflow trial run ended: the ranked trials."""
     s = search.exp.search
+    # A trial Tune killed 5 s after the end, before its upload: its best.pt from its worker's folder (rescue.py).
+    rescue_best_checkpoints(search.uri, tracking.child_runs(search.uri, search.parent_run_id))
     # Every trial of this search, those a killed driver lost included (they have an MLflow run, no Ray result).
     remove_temp_folders([str((r.metrics or {}).get("trial_id")) for r in results if (r.metrics or {}).get("trial_id")]
                         + recorded_trial_ids(search.uri, search.parent_run_id))
@@ -273,21 +274,6 @@ def _close(search: OpenSearch, results: Any) -> list:
     studies.close_study(search.storage_url, search.study_name, results, s.metric, s.mode)
     trials = summaries(results, s.metric, s.mode, search.exp.run.train.epochs)
     return close_trial_runs(search.uri, search.parent_run_id, trials)
-
-
-END_OF_SEARCH_IMPORTS = ("mlflow.pytorch", "mlflow.models", "plotly.express", "plotly.offline", "optuna.visualization",
-                         "pandas")   # registration (search/tracking/registry.py), the report
-
-
-def _warm_end_of_search() -> None:
-    """Import what the end of a search needs (seconds of imports) while the trials run, in a thread at the lowest
-    CPU priority (Linux: a thread's own nice value), so the registration and the report start at once."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    for name in END_OF_SEARCH_IMPORTS:
-        with contextlib.suppress(Exception):
-            importlib.import_module(name)
 
 
 def _git_commit() -> str:

@@ -5,8 +5,10 @@ Ray Client path that runs a whole search command on the cluster's head. Nothing 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -152,6 +154,21 @@ def tune_interrupt_watch(tune_catches: bool) -> Iterator[Callable[[], bool]]:
         # Read before restoring: the answer is which handler is in place when fit() has returned.
         seen[0] = signal.getsignal(signal.SIGINT) is _sigint_after_tune
         signal.signal(signal.SIGINT, previous)
+
+
+END_OF_SEARCH_IMPORTS = ("mlflow.pytorch", "mlflow.models", "plotly.express", "plotly.offline", "optuna.visualization",
+                         "pandas")   # registration (search/tracking/registry.py), the report
+
+
+def warm_end_of_search() -> None:
+    """Import what the end of a search needs (seconds of imports) while the trials run, in a thread at the lowest
+    CPU priority (Linux: a thread's own nice value), so the registration and the report start at once."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    for name in END_OF_SEARCH_IMPORTS:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
 
 
 # ================================================================ Ray Client: the search driver as a task on the head
