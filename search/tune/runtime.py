@@ -36,6 +36,8 @@ def quiet_logs(verbose: int) -> Iterator[None]:
     before = {name: lg.level for name, lg in loggers.items()}
     for name, lg in loggers.items():
         lg.setLevel(_QUIET_LOGGERS[name])
+    controller = logging.getLogger("ray.tune.execution.tune_controller")
+    controller.addFilter(_gone_checkpoint)
     # Tune's new output engine prints its configuration box, the results folder and a TensorBoard hint even at
     # verbose=0; its legacy engine is silent at 0. The switch is an environment variable Tune reads in fit().
     try:
@@ -43,8 +45,18 @@ def quiet_logs(verbose: int) -> Iterator[None]:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)   # set_metric_names
             yield
     finally:
+        controller.removeFilter(_gone_checkpoint)
         for name, lg in loggers.items():
             lg.setLevel(before[name])
+
+
+def _gone_checkpoint(record: Any) -> bool:
+    """False for Tune's "Error handling checkpoint" traceback when the error is a checkpoint folder already gone: Tune
+    restored from a snapshot older than a trial's last checkpoints (the driver was killed) deletes one the killed
+    driver had deleted already. Its bookkeeping is updated before the delete; the folder is gone, as wanted."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not ("Error handling checkpoint" in str(record.msg) and isinstance(error, FileNotFoundError)
+                and "checkpoint_" in str(error))
 
 
 @contextlib.contextmanager

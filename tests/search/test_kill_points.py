@@ -36,7 +36,7 @@ data: {{dataset: digits, batch_size: 32, limit_train: 200, shift_pixels: 0}}
 train: {{epochs: {EPOCHS}, device: cpu, optimizer: adam, lr: 3.0e-3}}
 search:
   num_samples: {TRIALS}
-  max_concurrent: 2
+  max_concurrent: {{concurrent}}
   seed: 3
   scheduler: {{name: none}}
   resources: {{cpu: 1}}
@@ -51,9 +51,14 @@ class KillPoint:
     name: str
     hold: str | None              # DRCAPS_HOLD_AT without its folder: "<point>:<trial number>:<epoch>"
     how: str
+    concurrent: int = 2
+    new_trial_id: bool = False    # the kill comes before Tune saves the held trial: Ray brings it back anew
 
 
 KILL_POINTS = [
+    KillPoint("a-trial-tune-has-not-saved", "started:1:0",
+              "trial 1 just started, alone, after trial 0 ended (Tune saves its state every >= 10 s, and on every "
+              "2nd checkpoint of a trial): the resumed Tune asks for it again", concurrent=1, new_trial_id=True),
     KillPoint("before-the-first-checkpoint", "started:1:0",
               "trial 1's MLflow run exists and nothing is trained (trial 0 runs beside it)"),
     KillPoint("between-metrics-and-checkpoint", "logged:1:2",
@@ -130,7 +135,7 @@ def _wait_for_marker(holds: Path, proc: subprocess.Popen[bytes], deadline: float
 
 def _kill_and_resume(tmp: Path, point: KillPoint) -> Outcome:
     db = tmp / "mlflow.db"
-    (tmp / "exp.yaml").write_text(EXPERIMENT.replace("{db}", str(db)))
+    (tmp / "exp.yaml").write_text(EXPERIMENT.replace("{db}", str(db)).replace("{concurrent}", str(point.concurrent)))
     holds = tmp / "holds"
     holds.mkdir()
     env = {**os.environ, **({"DRCAPS_HOLD_AT": f"{point.hold}:{holds}"} if point.hold else {})}
@@ -171,7 +176,8 @@ def test_a_search_killed_at_any_moment_resumes_into_one_clean_record(tmp_path: P
     out, err = it.resumed.stdout, it.resumed.stderr
     assert it.resumed.returncode == 0, f"{point.name}: resume exit {it.resumed.returncode}\n{err[-4000:]}"
     for text in ("Traceback", "Warning", "Error handling checkpoint"):
-        assert text not in err + out, f"{point.name}: {text!r} in the resumed search's output:\n{err[-4000:]}"
+        if text in err + out:
+            pytest.fail(f"{point.name}: {text!r} in the resumed search's output:\n{err[-6000:]}")
     assert f"{'val_acc'} -" not in out, out
 
     # One MLflow run per trial, each finished, with its best weights and every metric step once.
@@ -185,6 +191,8 @@ def test_a_search_killed_at_any_moment_resumes_into_one_clean_record(tmp_path: P
     print(f"{point.name}: " + "; ".join(f"trial {r.tags['drcaps.trial_number']} restarts "
                                         f"{r.tags.get('drcaps.restarts', 0)} earlier ids "
                                         f"{r.tags.get('drcaps.earlier_trial_ids', '-')}" for r in runs))
+    if point.new_trial_id:                  # the trial came back under a new Ray trial id, into its own run
+        assert any(r.tags.get("drcaps.earlier_trial_ids") for r in runs), [r.tags for r in runs]
     for r in runs:
         assert r.status == "FINISHED" and r.tags.get("drcaps.outcome") == "finished", (r.tags, r.status)
         for key in r.metrics:
