@@ -9,7 +9,8 @@ the killed search's own Ray; a clean terminal (no traceback, no warning, no tria
 How each moment is reached: a trial's moments by ``DRCAPS_HOLD_AT`` (search/tune/runtime.py ``hold``: the trial
 writes a marker and waits there; the test kills the driver when the marker appears); the experiment state by
 polling Tune's ``experiment_state-*.json`` every 2 ms and killing the driver when it changes (within a few ms of
-Tune's write and the searcher's and callbacks' state written beside it). Marked slow: ~1 min a case.
+Tune's write and the searcher's and callbacks' state written beside it). Marked slow: ~1 min a case on an idle
+2-core machine (3 min each at a load of 15-20). Below them, fast tests of the pieces on real files and processes.
 """
 
 from __future__ import annotations
@@ -211,3 +212,75 @@ def test_a_search_killed_at_any_moment_resumes_into_one_clean_record(tmp_path: P
     # Nothing of the killed search's Ray is left running.
     still = _session_processes(it.killed_session)
     assert still == [], f"{point.name}: left from the killed search: {_describe(still)}"
+
+
+# ---------------------------------------------------------------- the pieces, fast: real files, real processes
+
+def test_a_tune_state_cut_by_the_kill_is_put_back_from_the_staging_copy(tmp_path: Path) -> None:
+    import pickle
+
+    from search.tune import recovery
+
+    folder, session = tmp_path / "runs" / "kp-1", tmp_path / "session"
+    staged = session / "artifacts" / "2026-12-06_22-00-00" / folder.name / "driver_artifacts"
+    folder.mkdir(parents=True)
+    staged.mkdir(parents=True)
+    whole = {"experiment_state-2026-12-06_22-00-00.json": b'{"trial_data": []}',
+             "searcher-state-2026-12-06_22-00-00.pkl": pickle.dumps({"_live": {}})}
+    for name, data in whole.items():
+        (staged / name).write_bytes(data)
+        (folder / name).write_bytes(data[: len(data) // 2])       # the copy cut short by the kill
+    assert sorted(recovery.repair_tune_state(folder, str(session))) == sorted(whole)
+    assert {name: (folder / name).read_bytes() for name in whole} == whole
+    assert recovery.repair_tune_state(folder, str(session)) == []  # whole now: nothing to do
+
+
+def test_a_cut_tune_state_without_a_copy_is_set_aside_or_refused(tmp_path: Path) -> None:
+    from search.errors import SearchFailedError
+    from search.tune import recovery
+
+    folder = tmp_path / "kp-1"
+    folder.mkdir()
+    (folder / "experiment_state-2026-12-06_22-00-00.json").write_text('{"trial_data": []}')   # an earlier resume's
+    (folder / "experiment_state-2026-12-06_23-00-00.json").write_text("")                     # cut, no copy
+    assert recovery.repair_tune_state(folder, None) == []
+    assert sorted(p.name for p in folder.iterdir()) == ["experiment_state-2026-12-06_22-00-00.json",
+                                                        "experiment_state-2026-12-06_23-00-00.json.cut"]
+    (folder / "experiment_state-2026-12-06_22-00-00.json").write_text('{"trial')
+    with pytest.raises(SearchFailedError, match="cut short when the search was killed"):
+        recovery.repair_tune_state(folder, str(tmp_path / "no-such-session"))
+
+
+def test_leftovers_of_a_dead_driver_are_stopped_and_nothing_else(tmp_path: Path) -> None:
+    from search.tune import recovery
+
+    session, other = tmp_path / "session_a", tmp_path / "session_b"
+    sleeper = [sys.executable, "-c", "import sys, time; time.sleep(120)"]
+    ours = subprocess.Popen([*sleeper, str(session)])                # the session folder in its command line
+    theirs = subprocess.Popen([*sleeper, str(other)])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        alive = {"ray_session_dir": str(session), "driver_pid": os.getpid(),
+                 "driver_start": recovery._start_time(os.getpid())}
+        assert recovery.stop_leftovers(alive) == []                   # its driver runs: not ours to stop
+        assert recovery.stop_leftovers({}) == []                      # a cluster's Ray: nothing recorded
+        gone = {"ray_session_dir": str(session), "driver_pid": dead.pid, "driver_start": 1}
+        assert recovery.stop_leftovers(gone) == [ours.pid]
+        assert ours.wait(timeout=10) is not None and theirs.poll() is None
+    finally:
+        for proc in (ours, theirs):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_hold_waits_only_where_the_variable_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.tune import recovery
+
+    monkeypatch.setattr(recovery, "HOLD_S", 0.0)
+    monkeypatch.setenv(recovery.HOLD_ENV, f"logged:1:2:{tmp_path}")
+    for point, number, epoch in (("logged", 1, 1), ("logged", 0, 2), ("started", 1, 2)):
+        recovery.hold(point, number, epoch)
+    assert list(tmp_path.iterdir()) == []
+    recovery.hold("logged", 1, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["logged-1-2"]
