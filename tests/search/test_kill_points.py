@@ -9,8 +9,8 @@ the killed search's own Ray; a clean terminal (no traceback, no warning, no tria
 How each moment is reached: a trial's moments by ``DRCAPS_HOLD_AT`` (search/tune/runtime.py ``hold``: the trial
 writes a marker and waits there; the test kills the driver when the marker appears); the experiment state by
 polling Tune's ``experiment_state-*.json`` every 2 ms and killing the driver when it changes (within a few ms of
-Tune's write and the searcher's and callbacks' state written beside it). Marked slow: ~1 min a case on an idle
-2-core machine (3 min each at a load of 15-20). Below them, fast tests of the pieces on real files and processes.
+Tune's write and the searcher's and callbacks' state written beside it). Marked slow: 1.8 min a case at a load
+average of 8-10 on 2 cores, 3 min at 15-20 (not timed on an idle machine). Below them, fast tests of the pieces.
 """
 
 from __future__ import annotations
