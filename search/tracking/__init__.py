@@ -7,7 +7,7 @@ the module that owns it:
 - ``client``   one ``MlflowClient`` per URI, ``with_retry`` on "database is locked", ``ensure_experiment``
 - ``runs``     the run lifecycle: parent and trial runs, ``TrialLogger``, ``end_run``, metrics and artifacts written
 - ``queries``  reading back: ``RunRecord``, ``child_runs``, ``latest_search_run``, ``best_trial_run``, artifacts
-- ``registry`` ``log_and_register_model``, ``load_model``, ``model_version``
+- ``registry`` ``log_and_register_model``, ``load_model``, ``model_version``, ``set_model_alias``, ``model_aliases``
 
 Layout: one parent run per search (tag ``drcaps.role=search``), one child run per Ray trial (``drcaps.role=trial``,
 ``drcaps.trial_id``, ``mlflow.parentRunId``). Checked against mlflow 3.17.2; MLflow is imported inside functions,
