@@ -177,7 +177,7 @@ def write_front_yaml(result: SearchResult, out: Path) -> Path | None:
     from search.experiment import to_plain
     from search.space import trial_run
 
-    front: Front | None = result.front
+    front: Front | None = getattr(result, "front", None)   # (a stand-in result without the field: none)
     if front is None:
         return None
     exp, s = result.experiment, result.experiment.search
@@ -206,7 +206,7 @@ def front_lines(result: SearchResult, export_path: Any) -> list[str]:
     """The summary's front: ranked by the pick rule, the pick starred, the hypervolume, the YAML."""
     from search.progress import format_value, short_name
 
-    front: Front | None = result.front
+    front: Front | None = getattr(result, "front", None)   # (a stand-in result without the field: none)
     if front is None:
         return []
     names = list(result.experiment.search.space)
