@@ -18,7 +18,7 @@ from search.plan import SearchPlan
 from search.state import STATE_FILE
 from search.storage import tuned_optuna_storage
 from search.tune.searcher import make_searcher
-from search.warm_start import OldTrial, select
+from search.warm_start import OldTrial, Selection, select
 
 if TYPE_CHECKING:
     from search.tune.lifecycle import OpenSearch
@@ -59,25 +59,24 @@ def earlier_results(search: OpenSearch) -> list[Any]:
 
 def searcher(search: OpenSearch) -> Any:
     """drcaps' searcher for this Tune folder: an extension's sampler seeded apart (a seeded random sampler would
-    propose the first search's points again); a warm-started search's study seeded with the earlier trials."""
+    propose the first search's points again); a warm-started search's study seeded with the earlier trials (an
+    enqueued point one of them ran already is not enqueued again)."""
     exp, k = search.exp, round_of(search.folder.name)
     if k:
         exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, seed=exp.search.seed + k * SEED_STRIDE))
+    copies, chosen = _taken(search) if search.plan.warm_start is not None else ([], None)
+    if copies:
+        ran = [t.params for t in copies]
+        exp = dataclasses.replace(exp, search=dataclasses.replace(
+            exp.search, enqueue=tuple(p for p in exp.search.enqueue if dict(p) not in ran)))
     made = make_searcher(exp, search.study_name, search.storage_url)
-    if search.plan.warm_start is not None and not made.study.get_trials(deepcopy=False, states=_finished()):
-        warm_start(search, made)
+    if chosen is not None:
+        _add(search, made, copies, chosen)
     return made
 
 
-def _finished() -> tuple:
-    from optuna.trial import TrialState
-
-    return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def warm_start(search: OpenSearch, made: Any) -> int:
-    """Copy the earlier study's trials that fit into the new one (values and per-epoch values kept), print one line
-    (taken, and by reason not taken), tag the parent run. Returns how many were taken."""
+def _taken(search: OpenSearch) -> tuple[list[Any], Selection]:
+    """The earlier study's trials that fit (copies, their params in the new space) and the selection."""
     import optuna
 
     source = search.plan.warm_start
@@ -92,6 +91,14 @@ def warm_start(search: OpenSearch, made: Any) -> int:
             t = copy.deepcopy(t)
             t.params = chosen.taken[t.number]
             copies.append(t)
+    return copies, chosen
+
+
+def _add(search: OpenSearch, made: Any, copies: list[Any], chosen: Selection) -> int:
+    """Copy the chosen trials into the new study (values and per-epoch values kept, before the first suggestion),
+    print one line (taken, and by reason not taken), tag the parent run. Returns how many were taken."""
+    source = search.plan.warm_start
+    assert source is not None
     added = made.add_trials(copies, source.study_name)
     if added < len(copies):
         chosen.skipped["refused by Optuna"] += len(copies) - added

@@ -153,7 +153,8 @@ def test_warm_start_takes_the_trials_that_fit_a_narrower_space(searched: Searche
     narrow = {"train.lr": {"type": "float", "low": low, "high": 1.0e-1, "log": True},
               "model.units": {"type": "categorical", "choices": [8]}}
     expected = {t.number for t in old if t.params["train.lr"] >= low and t.params["model.units"] == 8}
-    done = drcaps(searched.tmp, experiment("narrow", narrow, num_samples=1), "--warm-start", "ext")
+    enqueue = [dict(old[min(expected)].params)] if expected else []     # a point a taken trial ran: not again
+    done = drcaps(searched.tmp, experiment("narrow", narrow, num_samples=1, enqueue=enqueue), "--warm-start", "ext")
     assert done.returncode == 0, done.stderr
     parent = tracking.latest_search_run(searched.uri, "narrow")
     assert parent is not None
@@ -169,6 +170,8 @@ def test_warm_start_takes_the_trials_that_fit_a_narrower_space(searched: Searche
     assert f"took {len(expected)} of 4 trials" in line
     assert f"{lr_out} with train.lr outside the new space" in line
     assert (f"{units_out} with model.units outside the new space" in line) == bool(units_out)
+    own = [t for t in study.trials if WARM_START_ATTR not in t.user_attrs]
+    assert len(own) == 1 and all(own[0].params != old[n].params for n in expected)
     runs = tracking.child_runs(searched.uri, parent.run_id)
     assert len(runs) == 1 and parent.tags["drcaps.best_run_id"] == runs[0].run_id      # never crowned
     assert "taken from an earlier search without retraining" in done.stdout
