@@ -133,3 +133,26 @@ def test_bad_extend_and_warm_start_are_one_line_exit_2_before_any_work(
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
     assert sorted(p.name for p in exp_file.parent.iterdir()) == before      # no store, no Ray folder written
+
+
+def test_an_extensions_folder_names_its_round() -> None:
+    from search.tune.extend import round_of
+
+    assert [round_of(n) for n in ("q-20261206-1-abc", "q-20261206-1-abc-extend-1", "q-1-abc-extend-12")] == [0, 1, 12]
+
+
+def test_the_summary_marks_taken_trials_and_says_they_are_not_crowned() -> None:
+    from types import SimpleNamespace
+
+    from search.earlier import TakenTrial
+    from search.publish.outputs import TOP_TAKEN, taken_lines
+
+    taken = tuple(TakenTrial(n, f"old-study#{n}", 0.5 if n % 2 else None, None) for n in range(TOP_TAKEN + 2))
+    result = SimpleNamespace(taken=taken, tracking_uri="sqlite:///x.db",
+                             experiment=SimpleNamespace(search=SimpleNamespace(metric="val_acc")))
+    lines = taken_lines(result)
+    assert "never crowned here" in lines[1] and f"({TOP_TAKEN + 2};" in lines[1]
+    assert lines[2] == "  trial 0 <- old-study#0  stopped early  no MLflow run recorded"
+    assert lines[3] == "  trial 1 <- old-study#1  val_acc 0.5000  no MLflow run recorded"
+    assert lines[-1] == "  ... and 2 more (the report lists every one)"
+    assert taken_lines(SimpleNamespace(taken=())) == []
