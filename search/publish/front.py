@@ -153,8 +153,8 @@ def _register_member(records: SearchRecords, member: TrialSummary, alias: str) -
         path = tracking.download_artifacts(records.tracking_uri, member.run_id, f"checkpoint/{BEST}", Path(d))
         capsnet, _, _ = load_model(path)
     example = torch.rand(2, capsnet.cfg.in_channels, capsnet.cfg.image_size, capsnet.cfg.image_size)
-    values = ", ".join(f"{k} = {v:.6g}" for k, v in trial_values(member, [m for m, _ in
-                                                                           records.experiment.search.objective_pairs]).items())
+    names = [m for m, _ in records.experiment.search.objective_pairs]
+    values = ", ".join(f"{k} = {v:.6g}" for k, v in trial_values(member, names).items())
     return tracking.log_and_register_model(
         records.tracking_uri, member.run_id, CapsNetClassifier(capsnet).eval(), example,
         registered_name=records.experiment.registered_model, alias=alias,
