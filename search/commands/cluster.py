@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from drcapsnet.errors import ConfigError
+from search.cluster_auth import as_published
 from search.preflight import check_output
 
 
@@ -25,6 +26,7 @@ def search_through_ray_client(experiment: Path, overrides: list[str], *, address
     from search import preflight, tracking
     from search.experiment import load_experiment
     from search.tune import run_on_head
+    from search.tune.ray_token import check_ray_client_token
 
     exp = load_experiment(experiment, overrides)
     if explicit := tracking_uri or exp.tracking.uri:
@@ -40,6 +42,7 @@ def search_through_ray_client(experiment: Path, overrides: list[str], *, address
     folder = (out or Path.cwd() / "placeholder").resolve().parent
     check_output("--out", folder, folder=True)
     preflight.check_address(address)       # last of the local checks: seconds, not Ray Client's 30 s timeout
+    check_ray_client_token(address)        # a refused token: one line now, not Ray Client's 30 s timeout
     print(f"running the search on the Ray cluster at {address}: the whole driver runs on its head node "
           "(follow the trials in the MLflow UI); its output follows when it ends", flush=True)
     options: dict[str, Any] = {"tracking_uri": tracking_uri, "storage_path": storage_path, "out": out,
@@ -97,5 +100,6 @@ def search_on_head(experiment: Path, overrides: list[str], options: dict[str, An
         except DrcapsError as e:
             return {"error": e}
         files = {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()}
-    return {"error": None, "code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "files": files,
-            "out": out, "experiment": folder}
+    return {"error": None, "code": code, "stdout": as_published(stdout.getvalue()),
+            "stderr": as_published(stderr.getvalue()), "files": files, "out": out, "experiment": folder}
+

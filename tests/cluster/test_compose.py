@@ -1,8 +1,10 @@
 """The project's own docker-compose.yml on a real Docker engine, as a user runs it (docs/cluster.md, README "On a
-cluster"): the image built from this checkout, PostgreSQL, the MLflow server, a Ray head and 2 Ray workers. A search
-from this machine through Ray Client and one from inside the stack; then a worker container killed while a trial
-runs on it. Everything is read back from the servers themselves: MLflow over its REST API, the Optuna study from
-PostgreSQL. The stack (containers, volumes, network) is removed whatever the outcome.
+cluster"): the image built from this checkout, PostgreSQL, the MLflow server, a Ray head and 2 Ray workers, with the
+secrets docker/make-env.sh writes (authentication on). Every published port refuses a client without credentials;
+a search from this machine through Ray Client, one from inside the stack, one as a Ray Job (submitted, followed,
+stopped, resumed); then a worker container killed while a trial runs on it. No secret appears in any output, export,
+report or MLflow param/tag. Everything is read back from the servers themselves: MLflow over its REST API, the
+Optuna study from PostgreSQL. The stack (containers, volumes, network) is removed whatever the outcome.
 
 Needs a Docker engine, a compose command and the base images (`docker/ensure-docker.sh`, which `make test` runs,
 installs and starts them where it can); without an engine every test here is skipped, saying so. About 10 minutes
@@ -11,6 +13,7 @@ on 2 cores once the image is built (first build: a few minutes more; later build
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -20,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -32,7 +36,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DRCAPS = Path(sys.executable).parent / "drcaps"
+RAY = Path(sys.executable).parent / "ray"
 IMAGE = "drcaps:latest"            # docker-compose.yml's default (DRCAPS_IMAGE)
+SECRETS = ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "POSTGRES_PASSWORD",
+           "MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD")          # what docker/make-env.sh makes up
 
 
 def _run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -77,7 +84,31 @@ class Stack:
     compose: list[str]          # the compose command with project name, file and env file
     mlflow: str                 # http://127.0.0.1:PORT, the published MLflow server
     ray_client: str             # ray://127.0.0.1:PORT
+    dashboard: str              # http://127.0.0.1:PORT, Ray's dashboard and Jobs API
     workdir: Path
+    secrets: dict[str, str]     # the .env docker/make-env.sh wrote
+
+    @property
+    def basic_auth(self) -> dict[str, str]:
+        pair = f"{self.secrets['MLFLOW_TRACKING_USERNAME']}:{self.secrets['MLFLOW_TRACKING_PASSWORD']}"
+        return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+
+    def client_env(self, **changes: str) -> dict[str, str]:
+        """This machine's environment as docs/cluster.md sets it up: Ray's token (no MLflow credentials: through
+        Ray Client and Ray Jobs the search talks to MLflow from the head)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "DRCAPS_"))}
+        return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.secrets["RAY_AUTH_TOKEN"]} | changes
+
+    def job_status(self, job_id: str) -> str:
+        """A Ray Job's status from the Jobs REST API (PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED)."""
+        req = urllib.request.Request(f"{self.dashboard}/api/jobs/{job_id}",
+                                     headers={"Authorization": f"Bearer {self.secrets['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["status"]
+
+    def ray(self, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+        """The ray CLI of this machine against the published dashboard port (Ray Jobs)."""
+        return _run([str(RAY), *args], timeout=timeout, env=self.client_env(**env), cwd=self.workdir)
 
     def run(self, *args: str, timeout: float = 600, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return _run([*self.compose, *args], timeout=timeout, input=input)
@@ -91,12 +122,12 @@ class Stack:
     # MLflow's REST API, as any client sees the server
     def get(self, endpoint: str, /, **params: Any) -> dict[str, Any]:
         url = f"{self.mlflow}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=self.basic_auth), timeout=30) as r:
             return json.loads(r.read())
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         req = urllib.request.Request(f"{self.mlflow}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json"} | self.basic_auth)
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
@@ -134,12 +165,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("compose")
     ports = {"MLFLOW_PORT": _free_port(), "RAY_CLIENT_PORT": _free_port(), "RAY_DASHBOARD_PORT": _free_port()}
     env_file = workdir / ".env"
-    env_file.write_text(f"POSTGRES_PASSWORD={secrets.token_hex(16)}\nRAY_WORKER_CPUS=1\n"
-                        + "".join(f"{k}={v}\n" for k, v in ports.items()))
+    made = _run(["sh", str(REPO / "docker" / "make-env.sh"), str(env_file)], timeout=60)   # as docs/cluster.md
+    assert made.returncode == 0, made.stderr
+    with env_file.open("a") as f:
+        f.write("RAY_WORKER_CPUS=1\n" + "".join(f"{k}={v}\n" for k, v in ports.items()))
+    found = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if line and line[0] != "#")
+    assert {*SECRETS, "MLFLOW_TRACKING_USERNAME"} <= found.keys(), found.keys()
+    assert all(len(found[k]) >= 32 for k in SECRETS), "make-env.sh wrote a short secret"
     project = f"drcapstest{os.getpid()}{secrets.token_hex(3)}"
     compose = [*_compose_command(), "-p", project, "-f", str(REPO / "docker-compose.yml"), "--env-file", str(env_file)]
     s = Stack(compose, f"http://127.0.0.1:{ports['MLFLOW_PORT']}", f"ray://127.0.0.1:{ports['RAY_CLIENT_PORT']}",
-              workdir)
+              f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}", workdir, found)
     try:
         up = s.run("up", "-d", "--scale", "ray-worker=2", timeout=600)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -147,8 +183,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         alive = 0
         while time.monotonic() < deadline:       # the head and both workers registered with Ray
             out = s.head("python", "-c", "import ray; ray.init('auto', logging_level='ERROR'); "
-                                         "print(sum(n['Alive'] for n in ray.nodes()))", timeout=120)
-            alive = int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+                                         "print('alive', sum(n['Alive'] for n in ray.nodes()))", timeout=120)
+            # Ray may print other lines (a raylet that failed to start on a busy machine, and retries, reports it)
+            alive = max([int(line.split()[1]) for line in out.stdout.splitlines()
+                         if line.startswith("alive ") and line.split()[1].isdigit()] or [0])
             if alive >= 3:
                 break
             time.sleep(3)
@@ -172,15 +210,10 @@ def _experiment(name: str, **search: Any) -> dict[str, Any]:
             | search}
 
 
-def _client_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "DRCAPS_"))}
-    return env | {"RAY_AUTH_MODE": "disabled"}   # the stack's Ray runs without tokens (ports on 127.0.0.1 only)
-
-
 def _search_via_client(stack: Stack, name: str, exp: dict[str, Any]) -> subprocess.Popen[str]:
     (stack.workdir / f"{name}.yaml").write_text(yaml.safe_dump(exp))
     return subprocess.Popen([str(DRCAPS), "search", f"{name}.yaml", "--address", stack.ray_client],
-                            cwd=stack.workdir, env=_client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=stack.workdir, env=stack.client_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -234,9 +267,13 @@ def _check_export(path: Path, parent: dict[str, Any], children: list[dict[str, A
 def test_search_from_this_machine_and_from_inside_the_stack(stack):
     # From this machine through Ray Client: no tracking URI, storage or Optuna URL given, the head's are used.
     proc = _search_via_client(stack, "compose-client", _experiment("compose-client"))
-    out, _ = _finish(proc)
+    out, err = _finish(proc)
     assert "exported best config" in out, out[-2000:]
     parent, children = _check_search(stack, "compose-client", n_trials=4, epochs=2)
+    _assert_no_secret(stack, "compose-client", {"client stdout": out, "client stderr": err})
+    # The summary's links are the published address, not the compose network's name; no MLflow chatter.
+    assert f"{stack.mlflow}/#/experiments/" in out, out[-2000:]
+    assert "mlflow:5000" not in out + err and "View run" not in out + err, (out + err)[-3000:]
     nodes = {tags(r)["drcaps.node"] for r in children}
     head = stack.head("hostname").stdout.strip()
     assert len(nodes) >= 2 and head not in nodes, (nodes, head)        # every worker got trials, the head none
@@ -293,3 +330,121 @@ def test_a_worker_killed_mid_trial_resumes_elsewhere_from_its_checkpoint(stack):
     everything = stack.runs("compose-kill")
     assert not [r for r in everything if r["info"]["status"] == "RUNNING"]
     _check_export(stack.workdir / "compose-kill.best.yaml", parent, children)
+
+
+def _status(url: str, headers: dict[str, str] | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _texts_on_the_server(stack: Stack, experiment: str) -> dict[str, str]:
+    """Every run's params and tags, and the parent runs' small text artifacts (the report, the export, ...)."""
+    texts = {}
+    for r in stack.runs(experiment):
+        run_id = r["info"]["run_id"]
+        texts[f"run {run_id} params/tags"] = json.dumps(r["data"])
+        if tags(r).get("drcaps.role") != "search":
+            continue
+        for f in stack.get("artifacts/list", run_id=run_id).get("files", []):
+            if not f.get("is_dir") and f["path"].endswith((".html", ".yaml", ".json", ".csv", ".txt", ".md")):
+                url = f"{stack.mlflow}/get-artifact?" + urllib.parse.urlencode({"path": f["path"], "run_uuid": run_id})
+                with urllib.request.urlopen(urllib.request.Request(url, headers=stack.basic_auth), timeout=60) as a:
+                    texts[f"run {run_id} artifact {f['path']}"] = a.read().decode(errors="replace")
+    return texts
+
+
+def _assert_no_secret(stack: Stack, experiment: str, outputs: dict[str, str]) -> None:
+    """No secret of .env in what the search printed, the files it wrote here, nor on the MLflow server."""
+    texts = dict(outputs) | _texts_on_the_server(stack, experiment)
+    texts |= {p.name: p.read_text(errors="replace") for p in stack.workdir.iterdir()
+              if p.is_file() and p.name != ".env"}
+    assert len(texts) > len(outputs)
+    leaks = [f"{where}: {key}" for where, text in texts.items() for key in SECRETS if stack.secrets[key] in text]
+    assert not leaks, leaks
+
+
+def test_every_published_port_refuses_a_client_without_credentials(stack):
+    # MLflow (REST API and UI): basic auth; a wrong password is refused the same way.
+    api = f"{stack.mlflow}/api/2.0/mlflow/experiments/search?max_results=1"
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"admin:wrong-password").decode()}
+    assert (_status(api), _status(f"{stack.mlflow}/"), _status(api, wrong)) == (401, 401, 401)
+    assert _status(api, stack.basic_auth) == 200
+    # Ray's dashboard and Jobs REST API: a bearer token.
+    jobs = f"{stack.dashboard}/api/jobs/"
+    assert _status(jobs) in (401, 403)
+    assert _status(jobs, {"Authorization": "Bearer " + "0" * 64}) in (401, 403)
+    assert _status(jobs, {"Authorization": f"Bearer {stack.secrets['RAY_AUTH_TOKEN']}"}) == 200
+    listed = stack.ray("job", "list", "--address", stack.dashboard, RAY_AUTH_TOKEN="0" * 64)
+    assert listed.returncode != 0
+    # Ray Client: drcaps says what to set, exit code 2, before anything is created on the cluster.
+    (stack.workdir / "compose-noauth.yaml").write_text(yaml.safe_dump(_experiment("compose-noauth")))
+    for env in ({"RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
+        proc = _run([str(DRCAPS), "search", "compose-noauth.yaml", "--address", stack.ray_client], timeout=300,
+                    cwd=stack.workdir, env=stack.client_env(**env))
+        assert proc.returncode == 2, (env, proc.stdout[-2000:], proc.stderr[-3000:])
+        assert proc.stderr.startswith("error: --address:") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+        assert "RAY_AUTH_TOKEN" in proc.stderr and stack.secrets["RAY_AUTH_TOKEN"] not in proc.stderr
+    # The MLflow login, checked by drcaps before any run: none, or a wrong password (inside the stack).
+    exp = yaml.safe_dump(_experiment("compose-noauth"))
+    assert stack.head("sh", "-c", "cat > /work/compose-noauth.yaml", input=exp).returncode == 0
+    for env, says in ((["MLFLOW_TRACKING_USERNAME=", "MLFLOW_TRACKING_PASSWORD="], "requires a login"),
+                      (["MLFLOW_TRACKING_PASSWORD=wrong-password"], "refused the login of user 'admin'")):
+        proc = stack.run("exec", "-T", *(f for e in env for f in ("-e", e)), "ray-head", "drcaps", "search",
+                         "/work/compose-noauth.yaml", "--address", "auto", timeout=300)
+        assert proc.returncode == 2, (env, proc.stdout[-2000:], proc.stderr[-3000:])
+        assert proc.stderr.startswith("error: tracking.uri:") and says in proc.stderr, proc.stderr[-3000:]
+        assert "MLFLOW_TRACKING_PASSWORD" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert _status(f"{stack.mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=compose-noauth",
+                   stack.basic_auth) == 404
+
+
+def test_a_search_as_a_ray_job_followed_stopped_and_resumed(stack):
+    """As docs/cluster.md: `ray job submit` from this machine, `ray job logs -f` shows the trial lines as they
+    end, `ray job stop` stops it as Ctrl-C does (parent run KILLED), and a second job with --resume finishes it."""
+    name, epochs = "compose-job", 3
+    exp = _experiment(name, num_samples=3)
+    exp["train"]["epochs"] = epochs
+    exp["data"]["limit_train"] = 1000                       # a few seconds per epoch: time to stop mid-search
+    assert stack.head("sh", "-c", f"cat > /work/{name}.yaml", input=yaml.safe_dump(exp)).returncode == 0
+    search = ["drcaps", "search", f"{name}.yaml", "--address", "auto"]
+    address = ["--address", stack.dashboard]
+    sub = stack.ray("job", "submit", *address, "--submission-id", f"{name}-1", "--no-wait", "--", *search)
+    assert sub.returncode == 0 and f"{name}-1" in sub.stdout + sub.stderr, sub.stdout[-2000:] + sub.stderr[-2000:]
+    follow = subprocess.Popen([str(RAY), "job", "logs", "-f", *address, f"{name}-1"], cwd=stack.workdir,
+                              env=stack.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    followed, deadline = [], time.monotonic() + 500
+    try:
+        assert follow.stdout is not None
+        for line in follow.stdout:                           # live: the first trial's line, while others run
+            followed.append(line)
+            if line.startswith("[1/3] trial ") or time.monotonic() > deadline:
+                break
+        assert any(x.startswith("[1/3] trial ") for x in followed), "".join(followed)[-3000:]
+        stop = stack.ray("job", "stop", *address, f"{name}-1", timeout=300)
+        assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+        rest, _ = follow.communicate(timeout=180)
+    finally:
+        follow.kill()
+    followed.append(rest)
+    log = "".join(followed)
+    assert stack.job_status(f"{name}-1") == "STOPPED"
+    assert "interrupted" in log and "Traceback" not in log, log[-3000:]
+    parents = stack.runs(name, "tags.`drcaps.role` = 'search'")
+    assert [p["info"]["status"] for p in parents] == ["KILLED"], log[-3000:]
+    assert len([t for t in stack.study(tags(parents[0])["drcaps.study_name"]) if t["state"] == "COMPLETE"]) < 3
+
+    again = stack.ray("job", "submit", *address, "--submission-id", f"{name}-2", "--", *search, "--resume",
+                      timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert stack.job_status(f"{name}-2") == "SUCCEEDED"
+    assert "exported best config" in again.stdout, again.stdout[-3000:]
+    assert f"{stack.mlflow}/#/experiments/" in again.stdout and "mlflow:5000" not in again.stdout   # published links
+    parent, children = _check_search(stack, name, n_trials=3, epochs=epochs)
+    exported = stack.head("cat", f"/work/{name}.best.yaml")            # where the job wrote it (the head's /work)
+    assert exported.returncode == 0, exported.stderr
+    (stack.workdir / f"{name}.best.yaml").write_text(exported.stdout)
+    _check_export(stack.workdir / f"{name}.best.yaml", parent, children)
+    _assert_no_secret(stack, name, {"job 1": log, "job 2": again.stdout + again.stderr})
