@@ -101,14 +101,13 @@ def sqlite_problem(path: Path) -> str | None:
     empty file: SQLite starts an empty one). Reads only: nothing is created beside it and the file is unchanged."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
-    try:
-        with path.open("rb") as f:
-            head = f.read(len(SQLITE_HEADER))
-    except OSError as e:
-        return f"cannot read {path} ({e.strerror or e})"
-    if head != SQLITE_HEADER:
-        return f"{path} is not a SQLite database (file is not a database)"
-    uri = f"{path.as_uri()}?immutable=1"             # immutable: no locks, no -wal/-shm/-journal file
+    if not os.access(path, os.R_OK):
+        return f"cannot read {path} (Permission denied)"
+    # Read through SQLite itself, never with a plain open(): closing any file descriptor of a file drops every POSIX
+    # lock this process holds on it, so a plain read of a store this process has open (a second search, a report
+    # after a search) would silently unlock it under its connections. SQLite's own close defers that while locks
+    # are held. immutable: no locks taken, no -wal/-shm/-journal file created.
+    uri = f"{path.as_uri()}?immutable=1"
     try:
         conn = sqlite3.connect(uri, uri=True)
         try:
@@ -116,6 +115,10 @@ def sqlite_problem(path: Path) -> str | None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as e:
+        if "file is not a database" in str(e):
+            return f"{path} is not a SQLite database (file is not a database)"
+        if "unable to open" in str(e):
+            return f"cannot read {path} ({e})"
         return f"{path} is not a readable SQLite database ({e})"
     return None
 

@@ -118,7 +118,7 @@ STORES: list[tuple[str, list[str], list[str]]] = [
     ("tracking-not-a-database", ["search", "{exp}", "--tracking-uri", "sqlite:///{bad}/text.db"],
      ["tracking.uri", "text.db is not a SQLite database (file is not a database)", "move it aside"]),
     ("tracking-torn-database", ["search", "{exp}", "--tracking-uri", "sqlite:///{bad}/torn.db"],
-     ["tracking.uri", "torn.db is not a readable SQLite database", "move it aside"]),
+     ["tracking.uri", "torn.db is not a SQLite database (file is not a database)", "move it aside"]),
     ("report-not-a-database", ["report", "x", "--tracking-uri", "sqlite:///{bad}/text.db"],
      ["tracking.uri", "text.db", "not a SQLite database", "move it aside"]),
     ("export-not-a-database", ["export-best", "--experiment", "x", "--tracking-uri", "sqlite:///{bad}/torn.db",
@@ -261,3 +261,29 @@ def test_the_checks_leave_no_probe_behind_and_accept_a_good_place(tmp_path: Path
     assert (db.read_bytes(), db.stat().st_mtime_ns) == before and sorted(tmp_path.iterdir()) == [db]
     (tmp_path / "empty.db").touch()
     assert stores.sqlite_problem(tmp_path / "empty.db") is None          # SQLite starts an empty file as a database
+
+
+def test_checking_a_store_this_process_holds_open_keeps_its_locks(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it: the check must read a store
+    through SQLite, or a second search (or a report) in the same process would unlock the first one's writes."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from search.stores import sqlite_problem
+
+    db = tmp_path / "held.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("BEGIN IMMEDIATE")                           # this process holds the write lock
+    try:
+        assert sqlite_problem(db) is None
+        other = subprocess.run([sys.executable, "-c", (
+            "import sqlite3, sys\n"
+            f"c = sqlite3.connect({str(db)!r}, timeout=0, isolation_level=None)\n"
+            "try:\n    c.execute('BEGIN IMMEDIATE')\nexcept sqlite3.OperationalError as e:\n    print(e)\n")],
+            capture_output=True, text=True, timeout=60)
+        assert "database is locked" in other.stdout, other.stdout + other.stderr
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
