@@ -55,15 +55,14 @@ def folder_problem(path: Path) -> str | None:
 
 
 def file_problem(path: Path) -> str | None:
-    """Why the file ``path`` cannot be written (created or replaced), or None. An existing file is opened for
-    appending and closed, nothing written (its content and modification time stay as they are)."""
+    """Why the file ``path`` cannot be written (created or replaced), or None. An existing file is never opened:
+    closing any descriptor of a file drops every POSIX lock this process holds on it, and the file may be a SQLite
+    store this process has open (a second search in one process lost the first's engine's locks, then its trial
+    runs' rows). Its permission bits are asked, and its folder's filesystem is probed with a temporary file."""
     if path.is_dir():
         return f"{path} is a folder"
-    if path.exists():
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
-        except OSError as e:
-            return f"{path} is not writable ({e.strerror or e})"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} is not writable (Permission denied)"
     return folder_problem(path.parent)
 
 
