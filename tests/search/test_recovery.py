@@ -406,7 +406,10 @@ def test_a_disk_that_fills_during_a_search_stops_it_in_one_line_and_resume_conti
         study = optuna.load_study(study_name=parent.tags["drcaps.study_name"],
                                   storage=f"sqlite:///{tmp_path / 'optuna.db'}")
         complete = {str(t.number) for t in study.trials if t.state.name == "COMPLETE"}
-        assert done <= complete, (done, [t.state.name for t in study.trials])   # every finished trial recorded
+        # Every trial Tune saw finish is recorded in both stores. A trial ends its MLflow run at its last epoch just
+        # BEFORE its final report (search/tune/trial.py), so one the stop cut between the two is FINISHED in MLflow
+        # and still RUNNING in Optuna: --resume reconciles it (asserted below).
+        assert len(complete) >= finished and complete <= done, (done, [t.state.name for t in study.trials])
 
         filler.unlink()                                               # room again: the search continues
         resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
