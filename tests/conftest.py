@@ -30,6 +30,28 @@ E2E_SPACE: dict[str, dict[str, Any]] = {
     "train.momentum": {"type": "float", "low": 0.5, "high": 0.95},
 }
 E2E_TRIALS = 4
+
+# The small experiment file the bad-input tables write (tests/search/test_preflight.py, test_bad_stores.py).
+TINY_EXPERIMENT = """\
+name: pre
+model: {preset: tiny}
+data: {dataset: digits, batch_size: 32, limit_train: 100}
+train: {epochs: 2, device: cpu}
+search:
+  num_samples: 2
+  resources: {cpu: 1}
+  space:
+    train.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+"""
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 E2E_EPOCHS = 2
 E2E_SEED = 4
 

@@ -17,18 +17,8 @@ from pathlib import Path
 import pytest
 
 from search.cli import main
+from tests.conftest import TINY_EXPERIMENT, closed_port
 
-EXPERIMENT = """\
-name: pre
-model: {preset: tiny}
-data: {dataset: digits, batch_size: 32, limit_train: 100}
-train: {epochs: 2, device: cpu}
-search:
-  num_samples: 2
-  resources: {cpu: 1}
-  space:
-    train.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
-"""
 SECRET = "s3cr3t-pw"
 
 
@@ -59,11 +49,6 @@ def mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         subprocess.run(["umount", str(folder)], check=False)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def listening_port() -> Iterator[int]:
@@ -74,26 +59,16 @@ def listening_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An existing MLflow store, for the read-only commands' own checks."""
-    from search import tracking
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    tracking.ensure_experiment(uri, "x")
-    return uri
-
-
 @pytest.fixture()
 def files(tmp_path: Path, listening_port: int, store: str) -> dict[str, str]:
     d = tmp_path / "inputs"
     d.mkdir()
-    (d / "exp.yaml").write_text(EXPERIMENT)
+    (d / "exp.yaml").write_text(TINY_EXPERIMENT)
     bad = tmp_path / "bad"              # each bad store alone in its folder: nothing may appear beside it
     bad.mkdir()
     (bad / "text.db").write_text("name,value\nlr,0.1\n" * 50)
     (bad / "torn.db").write_bytes(b"SQLite format 3\x00" + b"\x10\x00\x01\x01" + b"\xab" * 4000)
-    return {"exp": str(d / "exp.yaml"), "bad": str(bad), "closed": str(_closed_port()),
+    return {"exp": str(d / "exp.yaml"), "bad": str(bad), "closed": str(closed_port()),
             "open": str(listening_port), "pw": SECRET,
             "store": store}
 

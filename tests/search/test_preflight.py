@@ -4,7 +4,6 @@ empty working folder: exit code 2, ONE ``error: ...`` line naming the field or f
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,24 +11,7 @@ from pathlib import Path
 import pytest
 
 from search.cli import main
-
-EXPERIMENT = """\
-name: pre
-model: {preset: tiny}
-data: {dataset: digits, batch_size: 32, limit_train: 100}
-train: {epochs: 2, device: cpu}
-search:
-  num_samples: 2
-  resources: {cpu: 1}
-  space:
-    train.lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
-"""
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import TINY_EXPERIMENT, closed_port
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +53,17 @@ def files(tmp_path: Path, store: str, http_port: int, checkpoint: str) -> dict[s
     """Inputs outside the working folder: a good experiment, a bad YAML, an empty file, a plain file, a folder."""
     d = tmp_path / "inputs"
     d.mkdir()
-    (d / "exp.yaml").write_text(EXPERIMENT)
+    (d / "exp.yaml").write_text(TINY_EXPERIMENT)
     (d / "bad.yaml").write_text("name: [unclosed\n")
     (d / "empty.yaml").write_text("")
     (d / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
     (d / "afile").write_text("not a folder")
     (d / "folder").mkdir()
     (d / "bomb.yaml").write_text(BOMB)
-    (d / "dup.yaml").write_text(EXPERIMENT.replace("train: {epochs: 2,", "train: {epochs: 2, epochs: 3,"))
+    (d / "dup.yaml").write_text(TINY_EXPERIMENT.replace("train: {epochs: 2,", "train: {epochs: 2, epochs: 3,"))
     return {"exp": str(d / "exp.yaml"), "bad": str(d / "bad.yaml"), "empty": str(d / "empty.yaml"),
             "binary": str(d / "binary.yaml"), "file": str(d / "afile"), "dir": str(d / "folder"),
-            "port": str(_closed_port()), "http": str(http_port), "store": store, "ckpt": checkpoint,
+            "port": str(closed_port()), "http": str(http_port), "store": store, "ckpt": checkpoint,
             "bomb": str(d / "bomb.yaml"), "dup": str(d / "dup.yaml"), "long": "n" * 200}
 
 
