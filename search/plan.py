@@ -83,7 +83,7 @@ def smoke_experiment(exp: Experiment) -> Experiment:
     # One epoch leaves a scheduler nothing to stop (and its grace period would outlast the run): none.
     search = dataclasses.replace(exp.search, num_samples=2, time_budget_s=None,
                                  scheduler=dataclasses.replace(exp.search.scheduler, name="none"))
-    if getattr(search, "confirm", None) is not None:
+    if search.confirm is not None:
         search = dataclasses.replace(search, confirm=None)
     search = dataclasses.replace(search, warm_start=None)   # one epoch: another metric than the source's
     # Apart from the real searches: its own name (Ray folder, lock, export file), MLflow experiment and registered
