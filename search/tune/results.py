@@ -6,6 +6,7 @@ confirmation runs of the top-k (search/tune/confirm.py).
 from __future__ import annotations
 
 import math
+import numbers
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +63,8 @@ def summaries(results: Any, metric: str, mode: str, epochs: int) -> list[TrialSu
     """Tune's results -> one TrialSummary per trial, ranked (the one ranking: best value at any epoch)."""
     out = []
     for r in results:
-        df = r.metrics_dataframe
         last = r.metrics or {}
+        df = _history(r.metrics_dataframe, last)
         trial_id = str(last.get("trial_id") or Path(r.path).name)
         params, number = split_config(dict(r.config or {}))
         run_id = last.get("mlflow_run_id") if isinstance(last.get("mlflow_run_id"), str) else None
@@ -81,12 +82,28 @@ def summaries(results: Any, metric: str, mode: str, epochs: int) -> list[TrialSu
             continue
         best_row = df[df["epoch"] == found[0]].iloc[0]
         row = {k: float(v) for k, v in best_row.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+               if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))}
         ran = int(df["epoch"].max())
         outcome = "failed" if r.error else ("finished" if ran >= epochs else "stopped_early")
         out.append(TrialSummary(trial_id, params, found[1], ran, outcome, row,
                                 error=str(r.error) if r.error else None, number=number, run_id=run_id))
     return ranking.rank(out, lambda t: t.metric if t.outcome != "failed" else None, mode)
+
+
+def _history(df: Any, last: dict[str, Any]) -> Any:
+    """A trial's per-epoch results: Tune's result file, plus its last result when the file lags behind it. A driver
+    killed after Tune's experiment state recorded an epoch but before the trial's result file reached the storage
+    folder leaves the file an epoch short; the restored trial's last result still has it (seen in the kill-point
+    test: a trial that ran every epoch was counted as stopped early)."""
+    import pandas as pd
+
+    epoch = last.get("epoch")
+    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool):
+        return df
+    if df is not None and "epoch" in df and len(df) and float(df["epoch"].max()) >= float(epoch):
+        return df
+    row = pd.DataFrame([{k: v for k, v in last.items() if isinstance(v, (int, float, str, bool))}])
+    return row if df is None or not len(df) else pd.concat([df, row], ignore_index=True)
 
 
 def close_trial_runs(uri: str, parent_run_id: str, trials: list[TrialSummary]) -> list[TrialSummary]:
