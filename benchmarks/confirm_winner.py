@@ -11,7 +11,15 @@ confirmation's cost as a share of the trial-epochs.
 Trainings run in this process (no Ray, no MLflow): the statistics of best-of-N do not depend on the scheduler, and
 a real search per seed would cost minutes each on 2 cores. ASHA is left out (every trial runs all epochs).
 
+Set-ups (``--setup``), both with the quickstart's search space and SGD:
+
+- ``quickstart``: the quickstart as it is (bundled digits, 180 validation images), on ``--preset`` (default tiny).
+- ``mnist5k``: the ``small`` preset on the real MNIST test set (IDX, ``--data-dir``), split by ``drcapsnet.data``
+  7,000 train / 1,000 validation / 2,000 test, training cut to ``--limit-train`` images (stratified, default
+  5,000); ``train.lr_decay`` 0.9 (the recipe of docs/benchmarks.md "Accuracy on real MNIST, small preset, CPU").
+
     python benchmarks/confirm_winner.py --seeds 8 --trials 8 --epochs 4 --top-k 3 --confirm-seeds 2
+    python benchmarks/confirm_winner.py --setup mnist5k --seeds 8 --trials 6 --epochs 2 --top-k 3 --confirm-seeds 2
 """
 
 from __future__ import annotations
@@ -22,18 +30,27 @@ import statistics
 import time
 from pathlib import Path
 
-from drcapsnet.data import load_datasets
+from drcapsnet.data import Datasets, load_datasets
 from drcapsnet.train import train
 from search import ranking
-from search.experiment import load_experiment
+from search.experiment import Experiment, load_experiment
 from search.publish import pick
 from search.space import make_sampler, to_distributions, trial_run
 from search.tune import ConfirmRun, SearchRecords, TrialSummary
 
 REPO = Path(__file__).resolve().parents[1]
+PRESETS = {"quickstart": "tiny", "mnist5k": "small"}   # --preset's default per --setup
 
 
-def _train(exp, params: dict, confirm_seed: int | None, data) -> tuple[float, float]:
+def setup_overrides(setup: str, data_dir: Path, limit_train: int) -> list[str]:
+    """The overrides of experiments/quickstart.yaml that make ``setup`` (the preset and epochs come separately)."""
+    if setup == "quickstart":
+        return []
+    return ["data.dataset=idx", f"data.data_dir={data_dir.resolve()}", f"data.limit_train={limit_train}",
+            "train.lr_decay=0.9"]
+
+
+def _train(exp: Experiment, params: dict, confirm_seed: int | None, data: Datasets) -> tuple[float, float]:
     run = trial_run(exp, params, 1, 0, confirm_seed=confirm_seed)
     seen: list[dict[str, float]] = []
     last = train(run.model, run.data, run.train, seen.append, datasets=data)
@@ -41,7 +58,7 @@ def _train(exp, params: dict, confirm_seed: int | None, data) -> tuple[float, fl
     return (best[1] if best else math.nan), last.get("test_acc", math.nan)
 
 
-def one_search(exp, seed: int, n: int, top_k: int, seeds: int, data) -> dict[str, float]:
+def one_search(exp: Experiment, seed: int, n: int, top_k: int, seeds: int, data: Datasets) -> dict[str, float]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -72,24 +89,31 @@ def one_search(exp, seed: int, n: int, top_k: int, seeds: int, data) -> dict[str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", type=Path, default=REPO / "experiments/quickstart.yaml")
-    p.add_argument("--preset", default="tiny", help="model preset (the quickstart's is small)")
+    p.add_argument("--setup", choices=sorted(PRESETS), default="quickstart")
+    p.add_argument("--preset", help="model preset (default: tiny for quickstart, small for mnist5k)")
+    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/mnist-test", help="mnist5k: IDX folder")
+    p.add_argument("--limit-train", type=int, default=5000, help="mnist5k: training images")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--confirm-seeds", type=int, default=2)
     a = p.parse_args()
-    exp = load_experiment(a.experiment, [f"train.epochs={a.epochs}", f"model.preset={a.preset}",
-                                         "search.scheduler.name=none"])
+    preset = a.preset or PRESETS[a.setup]
+    exp = load_experiment(a.experiment, [f"train.epochs={a.epochs}", f"model.preset={preset}",
+                                         "search.scheduler.name=none",
+                                         *setup_overrides(a.setup, a.data_dir, a.limit_train)])
     data = load_datasets(exp.run.data)
     rows, t0 = [], time.perf_counter()
-    print(f"{a.experiment.name}: preset {a.preset}, {a.trials} trials x {a.epochs} epochs, top {a.top_k} confirmed "
-          f"on {a.confirm_seeds} seeds, {len(data.val)} validation images")
+    print(f"{a.experiment.name}, set-up {a.setup}: preset {preset}, {a.trials} trials x {a.epochs} epochs, top "
+          f"{a.top_k} confirmed on {a.confirm_seeds} seeds; train/val/test {len(data.train)}/{len(data.val)}/"
+          f"{len(data.test)} images")
     for seed in range(a.seeds):
         r = one_search(exp, seed, a.trials, a.top_k, a.confirm_seeds, data)
         rows.append(r)
         print(f"seed {seed}: raw top-1 confirmed: {'no ' if r['changed'] else 'yes'}  optimism {r['optimism']:+.2f} "
-              f"points  test raw {100 * r['raw_test']:.2f}%  confirmed pick {100 * r['picked_test']:.2f}%", flush=True)
+              f"points  test raw {100 * r['raw_test']:.2f}%  confirmed pick {100 * r['picked_test']:.2f}%  "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     def mean(key: str) -> float:
         return statistics.fmean(r[key] for r in rows if math.isfinite(r[key]))
