@@ -1,6 +1,8 @@
 """``drcaps search --address ray://HOST:10001`` (docs/cluster.md): this machine is only a Ray Client. The whole
 command (:func:`search_on_head`) runs as one Ray task on the cluster's head (search.tune.run_on_head); what crosses
 is picklable plain data: the experiment file's text, the overrides, the options dict, and the outcome dict back.
+While it runs, its lines and its live view come back as events (search/tune/relay.py) and are shown here as a local
+search shows them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def search_through_ray_client(experiment: Path, overrides: list[str], *, address
     from search.experiment import load_experiment
     from search.tune import run_on_head
     from search.tune.ray_token import check_ray_client_token
+    from search.tune.relay import Shower
 
     exp = load_experiment(experiment, overrides)
     if explicit := tracking_uri or exp.tracking.uri:
@@ -43,13 +46,16 @@ def search_through_ray_client(experiment: Path, overrides: list[str], *, address
     check_output("--out", folder, folder=True)
     preflight.check_address(address)       # last of the local checks: seconds, not Ray Client's 30 s timeout
     check_ray_client_token(address)        # a refused token: one line now, not Ray Client's 30 s timeout
-    print(f"running the search on the Ray cluster at {address}: the whole driver runs on its head node "
-          "(follow the trials in the MLflow UI); its output follows when it ends", flush=True)
+    print(f"running the search on the Ray cluster at {address}: the whole driver runs on its head node, its "
+          "progress is shown here as it goes", flush=True)
     options: dict[str, Any] = {"tracking_uri": tracking_uri, "storage_path": storage_path, "out": out,
                                "resume": resume, "smoke_test": smoke_test, "verbose": verbose}   # no address there
+    shower = Shower({"out": str(folder), "experiment": str(experiment.resolve().parent)})
     try:
-        outcome = run_on_head(address, search_on_head, experiment, overrides, options, experiment.read_text())
+        outcome = run_on_head(address, search_on_head, experiment, overrides, options, experiment.read_text(),
+                              on_event=shower)
     except KeyboardInterrupt:
+        shower.close(interrupted=True)
         again = f"drcaps search {experiment} --resume --address {address}" + "".join(
             f" {flag} {value}" for flag, value in (("--storage-path", storage_path),
                                                    ("--tracking-uri", tracking_uri)) if value) + (
@@ -57,15 +63,15 @@ def search_through_ray_client(experiment: Path, overrides: list[str], *, address
         print(f"interrupted: the search's state is saved on the cluster; continue it with\n  {again}",
               file=sys.stderr)
         return 130
+    shower.close(interrupted=False)
     if outcome["error"] is not None:
         raise outcome["error"]
     for name, content in outcome["files"].items():           # the exported config, all trials, ...
         (folder / name).write_bytes(content)
-    here = {outcome["out"]: str(folder), outcome["experiment"]: str(experiment.resolve().parent)}
-    for text, stream in ((outcome["stdout"], sys.stdout), (outcome["stderr"], sys.stderr)):
-        for there, path in here.items():                      # the paths it printed, as they are on this machine
-            text = text.replace(there, path)
-        stream.write(text)
+    if not shower.streamed:                                   # nothing came while it ran: its output, now
+        shower.there = {"out": outcome["out"], "experiment": outcome["experiment"]}
+        sys.stdout.write(shower.rewrite(outcome["stdout"]))
+        sys.stderr.write(shower.rewrite(outcome["stderr"]))
     return int(outcome["code"])
 
 
@@ -78,16 +84,18 @@ def search_on_head(experiment: Path, overrides: list[str], options: dict[str, An
     ``files`` ({name: bytes}) and the temporary folders (``out``, ``experiment``) the output names.
     A Ctrl-C on the client arrives here as KeyboardInterrupt: the search stops as it would on a terminal."""
     import contextlib
-    import io
 
     from drcapsnet.errors import DrcapsError
     from search.commands.searching import search_command
     from search.experiment import load_experiment
     from search.plan import smoke_experiment
+    from search.tune import relay
+    from search.tune.relay import LineStream
 
-    stdout, stderr = io.StringIO(), io.StringIO()
+    stdout, stderr = LineStream("out", as_published), LineStream("err", as_published)   # sent as printed
     with tempfile.TemporaryDirectory(prefix="drcaps-out-") as out, \
             tempfile.TemporaryDirectory(prefix="drcaps-exp-") as folder:
+        relay.send("paths", {"out": out, "experiment": folder})
         copy = Path(folder) / Path(experiment).name
         copy.write_text(experiment_text)
         try:
@@ -99,6 +107,9 @@ def search_on_head(experiment: Path, overrides: list[str], options: dict[str, An
                 code = search_command(copy, overrides, **{**options, "address": None, "out": Path(out) / name})
         except DrcapsError as e:
             return {"error": e}
+        finally:
+            stdout.close_lines()
+            stderr.close_lines()
         files = {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()}
     return {"error": None, "code": code, "stdout": as_published(stdout.getvalue()),
             "stderr": as_published(stderr.getvalue()), "files": files, "out": out, "experiment": folder}

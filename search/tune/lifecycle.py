@@ -29,7 +29,6 @@ import torch
 from search import preflight, state, tracking
 from search.experiment import Experiment, experiment_to_dict
 from search.plan import SearchPlan
-from search.progress import SearchProgress
 from search.state import STATE_FILE
 from search.storage import create_optuna_schema
 from search.stores import masked
@@ -246,8 +245,8 @@ def _fit(tuner: Any, search: OpenSearch, verbose: int) -> Any:
     tune_catches = (not ray.util.client.ray.is_connected()
                     and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0")))   # the switch Tune reads
     threading.Thread(target=runtime.warm_end_of_search, name="drcaps-warm", daemon=True).start()
-    view = SearchProgress(search.plan.extend or s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
-                          live=None if verbose == 1 else False) if verbose >= 1 else None
+    view = live.make_view(search.plan.extend or s.num_samples, s.metric, s.mode, exp.run.train.epochs, list(s.space),
+                          verbose)
     disks = diskspace.places_of(search.plan.storage_root, search.uri, search.storage_url)   # room kept, or stop
     with runtime.tune_interrupt_watch(tune_catches) as interrupted, live.showing(view), diskspace.watching(
             disks, search.folder, s.max_concurrent, search.plan.resume_command(), enabled=tune_catches):

@@ -1,5 +1,7 @@
 """The live view's link to Ray Tune: a Tune callback that forwards trial events (started, result, ended) to the
-:class:`~search.progress.SearchProgress` of the search running in this process."""
+live view of the search running in this process: a :class:`~search.progress.SearchProgress` shown here, or, when
+this process is a Ray Client's task on the cluster's head, a :class:`~search.tune.relay.RelayedView` that sends the
+events to the client, which shows them (search/tune/relay.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,27 @@ from collections.abc import Iterator
 from typing import Any
 
 from search.progress import SearchProgress
+from search.tune import relay
 from search.tune.searcher import split_config
 from search.tune.trial import FAILURE_KEY
 
-_SHOWN: list[SearchProgress] = []   # the live view of the search running in this process (at most one)
+View = SearchProgress | relay.RelayedView
+_SHOWN: list[View] = []   # the live view of the search running in this process (at most one)
+
+
+def make_view(total: int, metric: str, mode: str, max_epochs: int, names: list[str], verbose: int) -> View | None:
+    """The live view of a search: none at ``verbose`` 0; the redrawn block on a terminal at 1 (one line per trial
+    elsewhere), lines at 2 and up; sent to the Ray Client that started the search when there is one."""
+    if verbose < 1:
+        return None
+    live = None if verbose == 1 else False
+    if relay.active():
+        return relay.RelayedView(total, metric, mode, max_epochs, names, live)
+    return SearchProgress(total, metric, mode, max_epochs, names, live=live)
 
 
 @contextlib.contextmanager
-def showing(view: SearchProgress | None) -> Iterator[None]:
+def showing(view: View | None) -> Iterator[None]:
     """Show ``view`` (entered as a context) for the block and route this process's trial events to it. Tune pickles
     its callbacks with the experiment state and restores them on ``--resume``, so the callback cannot hold the view
     itself: it asks :func:`current` at each event."""
@@ -30,7 +45,7 @@ def showing(view: SearchProgress | None) -> Iterator[None]:
         _SHOWN.remove(view)
 
 
-def current() -> SearchProgress | None:
+def current() -> View | None:
     """The live view of the search running in this process, if any."""
     return _SHOWN[-1] if _SHOWN else None
 

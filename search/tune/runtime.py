@@ -19,7 +19,8 @@ from search.errors import ClusterError
 # Messages a user can do nothing about in the default (live view) mode; shown again under -v.
 _QUIET_LOGGERS = {"ray._private.authentication.authentication_token_setup": "ERROR",   # a local Ray's token
                   "mlflow.store.db.utils": "WARNING",       # "Creating initial MLflow database tables..."
-                  "alembic.runtime.migration": "WARNING", "optuna": "WARNING"}  # "A new study created in RDB"
+                  "alembic.runtime.migration": "WARNING", "optuna": "WARNING",  # "A new study created in RDB"
+                  "ray.tune.tune": "WARNING"}   # "Wrote the latest version of all result files ... to ..."
 
 
 @contextlib.contextmanager
@@ -93,9 +94,10 @@ def init_ray(address: str | None, verbose: int) -> None:
             try:
                 # Trials print nothing worth reading (metrics reach Tune's table and MLflow); their logs stay in
                 # Ray's session folder instead of repeating "Checkpoint successfully created" on the terminal.
-                context = ray.init(address=address, log_to_driver=False,
-                                   include_dashboard=False if address == "local" else None,
-                                   configure_logging=verbose > 1)
+                with _filtered("ray._private.utils", _patch_mismatch, enabled=verbose <= 1):
+                    context = ray.init(address=address, log_to_driver=False,
+                                       include_dashboard=False if address == "local" else None,
+                                       configure_logging=verbose > 1)
                 if address == "local":
                     _LOCAL_SESSION[:] = [str(context.address_info.get("session_dir") or "")]
                 break
@@ -111,6 +113,26 @@ def init_ray(address: str | None, verbose: int) -> None:
                 "or ~/.ray/auth_token, the same as the head's), or use --address auto on the head node") from None
         raise ClusterError(f"--address: cannot reach the Ray cluster at {address!r} ({type(e).__name__}: {e}); "
                            "start it (ray start --head) or leave --address out to run Ray here") from None
+
+
+@contextlib.contextmanager
+def _filtered(logger: str, keep: Callable[[Any], bool], enabled: bool) -> Iterator[None]:
+    """``keep`` as a filter of the logger named ``logger`` for the block (nothing when not ``enabled``)."""
+    import logging
+
+    target = logging.getLogger(logger)
+    if enabled:
+        target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
+
+
+def _patch_mismatch(record: Any) -> bool:
+    """False for Ray's "Python patch version mismatch" between a Ray Client and its cluster (3.11.2 vs 3.11.9):
+    harmless here, where only plain data and drcaps' own functions (by name) cross; shown again under -v."""
+    return not str(record.msg).startswith("Python patch version mismatch")
 
 
 _LOCAL_SESSION: list[str] = []   # the session folder of the Ray this process started (none: a cluster, or no Ray)
@@ -205,22 +227,63 @@ def is_ray_client(address: str | None) -> bool:
     return (address or os.environ.get("RAY_ADDRESS") or "").startswith("ray://")
 
 
-def _on_head(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
+def _on_head(events: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """On the head: ``fn(*args)`` with its events (search/tune/relay.py) put on the client's queue as they come, the
+    last one :data:`relay.END` (put and waited for: every event before it has arrived when it is read)."""
+    import ray
+
+    from search.tune import relay
+
+    def put(event: relay.Event) -> None:
+        events.actor.put_nowait.remote(event)          # not waited for; one caller's calls arrive in order
+
+    with relay.sending(put):
+        try:
+            return fn(*args)
+        finally:
+            with contextlib.suppress(Exception):
+                ray.get(events.actor.put_nowait.remote(relay.END), timeout=30)
 
 
-def run_on_head(address: str, fn: Callable[..., Any], *args: Any) -> Any:
+def _replay(events: Any, on_event: Callable[[Any], None]) -> bool:
+    """Every event waiting on the queue, handed to ``on_event`` in order; whether the last one (END) came."""
+    from search.tune import relay
+
+    ended = False
+    waiting = events.qsize()
+    for event in events.get_nowait_batch(waiting) if waiting else []:
+        if tuple(event) == relay.END:
+            ended = True
+        else:
+            on_event(event)
+    return ended
+
+
+def run_on_head(address: str, fn: Callable[..., Any], *args: Any,
+                on_event: Callable[[Any], None] = lambda event: None) -> Any:
     """``fn(*args)`` as one Ray task on the head node of the cluster at ``address`` (``ray://HOST:PORT``); its
     result. ``fn`` must be importable on the cluster (drcaps installed there, the same version) and return plain
-    data. The task asks for no CPU (the head of docker-compose.yml offers none to trials) and is never retried."""
+    data. The task asks for no CPU (the head of docker-compose.yml offers none to trials) and is never retried.
+    While it runs, what it sends (search/tune/relay.py: lines, live-view events) reaches ``on_event`` here, through a
+    queue actor on the head, a few times a second."""
+    import time
+
     import ray
     from ray.exceptions import GetTimeoutError, RayError
+    from ray.util.queue import Queue
 
     init_ray(address, 0)
     try:
+        events = Queue(actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}})
         task = ray.remote(num_cpus=0, max_retries=0, resources={HEAD_RESOURCE: 0.001})(_on_head)
-        ref = task.remote(fn, *args)
+        ref = task.remote(events, fn, *args)
         try:
+            done_at = None
+            while not _replay(events, on_event):
+                ready, _ = ray.wait([ref], timeout=0.25)
+                done_at = done_at or (time.monotonic() if ready else None)
+                if done_at and time.monotonic() - done_at > 10:     # the task died before its last event
+                    break
             return ray.get(ref)
         except KeyboardInterrupt:
             ray.cancel(ref)                       # KeyboardInterrupt in the task: the search stops and saves

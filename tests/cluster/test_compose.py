@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -228,6 +229,30 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[str, str
     return out, err
 
 
+def _finish_watching(proc: subprocess.Popen[str], first: str, look: Any, timeout: float = 600) -> tuple[str, str, Any]:
+    """As :func:`_finish`, reading the output as it comes: ``look()`` when the first line starting with ``first``
+    arrives (what was true while the search still ran)."""
+    seen, lines, errors = None, [], []
+    assert proc.stdout is not None and proc.stderr is not None
+    timer = threading.Timer(timeout, proc.send_signal, (signal.SIGINT,))
+    reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)   # never blocks it
+    timer.start()
+    reader.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if seen is None and line.startswith(first):
+                seen = look()
+        proc.wait(timeout=150)
+        reader.join(timeout=30)
+    finally:
+        timer.cancel()
+        proc.kill()
+    out, err = "".join(lines), "".join(errors)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out, err, seen
+
+
 def _check_search(stack: Stack, name: str, n_trials: int, epochs: int) -> tuple[dict[str, Any], list[dict]]:
     """Parent FINISHED; one FINISHED child run per trial, each with its params, a metric point per epoch and its
     best checkpoint on the server; the Optuna study in PostgreSQL holds the same trials. Returns (parent, children)."""
@@ -267,8 +292,12 @@ def _check_export(path: Path, parent: dict[str, Any], children: list[dict[str, A
 def test_search_from_this_machine_and_from_inside_the_stack(stack):
     # From this machine through Ray Client: no tracking URI, storage or Optuna URL given, the head's are used.
     proc = _search_via_client(stack, "compose-client", _experiment("compose-client"))
-    out, err = _finish(proc)
+    out, err, parent_then = _finish_watching(proc, "[1/4] trial ",
+                                             lambda: [p["info"]["status"] for p in stack.runs(
+                                                 "compose-client", "tags.`drcaps.role` = 'search'")])
+    assert parent_then == ["RUNNING"], (parent_then, out[-3000:])      # the laptop saw a trial end mid-search
     assert "exported best config" in out, out[-2000:]
+    assert "patch version" not in err and "Wrote the latest version" not in out + err, err[-3000:]  # no chatter
     parent, children = _check_search(stack, "compose-client", n_trials=4, epochs=2)
     _assert_no_secret(stack, "compose-client", {"client stdout": out, "client stderr": err})
     # The summary's links are the published address, not the compose network's name; no MLflow chatter.

@@ -305,7 +305,7 @@ def test_ray_client_ships_plain_data_and_writes_what_the_head_returns(tmp_path: 
 
     shipped: list[tuple[object, ...]] = []
 
-    def on_head(address: str, fn: object, *args: object) -> dict[str, object]:
+    def on_head(address: str, fn: object, *args: object, on_event: object = None) -> dict[str, object]:
         shipped.append((address, fn, *pickle.loads(pickle.dumps(args))))
         return {"error": None, "code": 0, "stdout": "exported best config: /head/out/b.yaml\n", "stderr": "",
                 "files": {"b.yaml": b"name: b\n"}, "out": "/head/out", "experiment": "/head/exp"}

@@ -8,6 +8,7 @@ the search runs; without it, ``drcaps search`` stops with exit code 2 and says w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -145,23 +146,51 @@ def test_a_cluster_that_wants_a_token_gets_one_clear_error_and_nothing_recorded(
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
 
 
+def _search_status(db: Path) -> list[str]:
+    """The status of the search's parent runs, read in milliseconds (plain SQLite: opening MLflow's store takes
+    seconds, time enough for a 2-trial search to end)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+        return [row[0] for row in con.execute("SELECT status FROM runs WHERE run_uuid IN (SELECT run_uuid FROM tags "
+                                              "WHERE key = 'drcaps.role' AND value = 'search')")]
+
+
 @pytest.mark.slow
 def test_search_through_ray_client_runs_its_driver_on_the_head(ray_head, tmp_path):
     """`--address ray://HOST:10001`: the whole driver runs as a task on the head, with the head's tracking URI,
-    Optuna storage and Ray storage (its environment's); this side only writes the exported files and prints."""
-    (tmp_path / "exp.yaml").write_text(json.dumps(EXPERIMENT))          # no tracking URI: the head's
-    proc = subprocess.run([str(Path(sys.executable).parent / "drcaps"), "search", str(tmp_path / "exp.yaml"),
-                           "--address", ray_head.client_address], cwd=tmp_path,
-                          env=_env_without_ray(RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=300)
+    Optuna storage and Ray storage (its environment's); this side shows its progress as it goes (a trial's line
+    arrives while the search still runs), then writes the exported files and the summary."""
+    one_at_a_time = {**EXPERIMENT, "search": {**EXPERIMENT["search"], "max_concurrent": 1}}
+    (tmp_path / "exp.yaml").write_text(json.dumps(one_at_a_time))          # no tracking URI: the head's
     uri = f"sqlite:///{ray_head.store / 'mlflow.db'}"
-    _assert_search_finished(proc, uri)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "drcaps"), "search", str(tmp_path / "exp.yaml"),
+                             "--address", ray_head.client_address], cwd=tmp_path,
+                            env=_env_without_ray(RAY_AUTH_MODE="token"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines, running_then = [], None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:                                  # live: the first trial's line, mid-search
+            lines.append(line)
+            if line.startswith("[1/2] trial ") and running_then is None:
+                running_then = (proc.poll() is None, _search_status(ray_head.store / "mlflow.db"))
+        err = proc.stderr.read() if proc.stderr else ""
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    out = "".join(lines)
+    assert running_then == (True, ["RUNNING"]), (running_then, out[-3000:], err[-3000:])
+    _assert_search_finished(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), uri)
     parent = tracking.latest_search_run(uri, "cluster-e2e")
     assert (ray_head.store / "optuna.db").exists() and (ray_head.store / "ray" / "cluster-e2e").is_dir()
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "drcaps-runs").exists()
     exported = (tmp_path / "cluster-e2e.best.yaml").read_text()       # written here, from the head's export
     assert parent.tags["drcaps.best_run_id"] in exported
     assert (tmp_path / "cluster-e2e.best.trials.csv").read_text().count("\n") == 3   # header + 2 trials
-    assert f"exported best config: {tmp_path / 'cluster-e2e.best.yaml'}" in proc.stdout, proc.stdout[-2000:]
+    assert f"exported best config: {tmp_path / 'cluster-e2e.best.yaml'}" in out, out[-2000:]
+    assert out.index("[2/2] trial ") < out.index("exported best config"), out[-3000:]   # each line once, in order
+    assert out.count("[1/2] trial ") == 1 and "Traceback" not in out + err, (out + err)[-3000:]
     children = tracking.child_runs(uri, parent.run_id)
     assert all(r.tags.get("drcaps.node") == socket.gethostname() for r in children)   # each trial says where
 
