@@ -185,9 +185,6 @@ class SearchConfig:
              self.confirm.top_k <= self.num_samples, "search.confirm.top_k",
              f"{getattr(self.confirm, 'top_k', None)!r} is above search.num_samples ({self.num_samples!r}); set it "
              "to at most num_samples")
-        need(out, self.confirm is None or len(objective_pairs(self.objectives, self.metric, self.mode)) < 2,
-             "search.confirm", "confirms the pick of one objective only, for now; leave it out with several "
-             "search.objectives (docs/notes.md, Multi-objective search)")
         need(out, self.warm_start is None or (isinstance(self.warm_start.get("experiment"), str) and bool(
             self.warm_start["experiment"])), "search.warm_start.experiment", "required: the MLflow experiment whose "
              "latest search seeds this one")

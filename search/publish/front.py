@@ -8,6 +8,14 @@ the front carried into MLflow and a file.
   (``search.pareto.pareto_front``), ranked by ``search.pick`` (``rank_front``: the knee first, or the rule's
   metric among those meeting its ``subject_to``); rank 1 is the pick. When no front trial meets ``subject_to``, the
   first of the ranking is crowned with a warning; when no trial is feasible, the best by the first objective.
+- **Confirmation** (``search.confirm``, search/tune/confirm.py): the first ``top_k`` members of this ranking are
+  trained again with new seeds. The members whose confirmation runs ALL finished are eligible; each one's first
+  objective (the search metric, what a ``ConfirmRun`` carries) is replaced by its confirmed mean, its costs
+  (``params``, ``flops``, ``latency_ms``: measured per config) keep the search's values, and the pick rule is applied
+  among them (their own front, ranked as above; ties: the better rank by the search's values). A member that failed
+  a confirmation run is reported, one warning each, and never crowned; when none is eligible, the pick by the
+  search's values is kept with a warning. The front's ranks (``pareto-N``) stay those of the search's values, so the
+  confirmed pick (``@best``) need not be ``pareto-1``; NAME.pareto.yaml adds each confirmed member's mean, std, n.
 - **Hypervolume** of the front in the minimised space, against a reference point fixed from every scored trial
   (``pareto.reference_point``: the worst value of each objective plus 10% of its range), written in the metrics'
   own units on the parent run (tag ``drcaps.pareto.reference``, metric ``pareto_hypervolume``).
@@ -22,13 +30,14 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search import pareto, tracking
 from search.tune import SearchRecords, TrialSummary, scored
+from search.tune.confirm import confirmed_stats
+from search.tune.objectives_run import front_order, trial_values, value_names
 
 if TYPE_CHECKING:
     from search.publish import SearchResult
@@ -52,19 +61,13 @@ class Front:
     model_uris: tuple[str | None, ...] = ()   # per member: models:/NAME@pareto-N
 
 
-def trial_values(t: TrialSummary, names: Sequence[str]) -> dict[str, float]:
-    """The trial's value of each metric in ``names`` (those it reported)."""
-    return {n: float(t.metrics[n]) for n in names if n in t.metrics and math.isfinite(float(t.metrics[n]))}
-
-
 def front_of(records: SearchRecords) -> Front:
     """The front of the search's scored trials (see the module docstring)."""
     s = records.experiment.search
     pairs = tuple(s.objective_pairs)
-    names = list(dict.fromkeys([m for m, _ in pairs] + list(s.constraints)))
     trials = scored(records.trials)
-    rows = [trial_values(t, names) for t in trials]
-    ranked = pareto.rank_front(rows, pairs, s.pick, s.constraints)
+    rows = [trial_values(t, value_names(s)) for t in trials]
+    ranked = front_order(trials, s)
     chosen = pareto.pick(rows, pairs, s.pick, s.constraints)
     points = [p for p in pareto.objective_points(rows, pairs) if all(math.isfinite(v) for v in p)]
     reference = pareto.reference_point(points) if points else ()
@@ -79,17 +82,45 @@ def front_of(records: SearchRecords) -> Front:
 
 
 def front_pick(records: SearchRecords) -> tuple[TrialSummary, dict[int, dict[str, float]], list[str]]:
-    """``publish.pick`` for several objectives: the crowned trial (the pick rule's first on the front), no
-    confirmation stats, and what to warn about."""
+    """``publish.pick`` for several objectives: the crowned trial, each confirmed trial's stats and what to warn
+    about. Without confirmations: the pick rule's first on the front; with them: module docstring, Confirmation."""
     front = front_of(records)
+    if not records.confirmations or not front.members:
+        best, problems = _search_pick(records, front)
+        return best, {}, problems
+    numbers = sorted({c.number for c in records.confirmations})
+    stats = {n: confirmed_stats(records.confirmations, n) for n in numbers}
+    problems = [f"trial {n} failed {int(st['failed'])} of its confirmation runs: not crowned"
+                for n, st in stats.items() if st["failed"]]
+    eligible = [m for m in front.members if m.number in stats and not stats[m.number]["failed"]
+                and stats[m.number]["n"]]
+    s = records.experiment.search
+    first = s.objective_pairs[0][0]
+    rows = [{**front.values.get(m.trial_id, {}), first: stats[m.number]["mean"]} for m in eligible]
+    ranked = pareto.rank_front(rows, s.objective_pairs, s.pick, s.constraints)
+    chosen = pareto.pick(rows, s.objective_pairs, s.pick, s.constraints)
+    if chosen is not None:
+        return eligible[chosen], stats, problems
+    if ranked:
+        return eligible[ranked[0]], stats, [*problems, f"no confirmed front member meets search.pick {front.rule} "
+                                                       f"on its confirmed {first}: crowned the first by that rule, "
+                                                       f"trial {eligible[ranked[0]].number}"]
+    kept, why = _search_pick(records, front)
+    return kept, stats, [*problems, f"no front member finished every confirmation run (and met search.constraints "
+                                    f"on its confirmed {first}): kept the pick by the search's values, trial "
+                                    f"{kept.number}", *why]
+
+
+def _search_pick(records: SearchRecords, front: Front) -> tuple[TrialSummary, list[str]]:
+    """The pick by the search's own values: the rule's first on the front, with what to warn about."""
     if front.pick is not None:
-        return front.pick, {}, []
+        return front.pick, []
     if front.members:
-        return front.members[0], {}, [f"no trial of the Pareto front meets search.pick {front.rule}: crowned the "
-                                      f"front's first by that rule, trial {front.members[0].number}"]
+        return front.members[0], [f"no trial of the Pareto front meets search.pick {front.rule}: crowned the "
+                                  f"front's first by that rule, trial {front.members[0].number}"]
     raw = scored(records.trials)[0]
-    return raw, {}, [f"no trial meets search.constraints: no Pareto front; crowned the best by "
-                     f"{records.experiment.search.metric}, trial {raw.number}"]
+    return raw, [f"no trial meets search.constraints: no Pareto front; crowned the best by "
+                 f"{records.experiment.search.metric}, trial {raw.number}"]
 
 
 def record_front(records: SearchRecords, best: TrialSummary, best_uri: str | None, problems: list[str]) -> Front:
@@ -189,17 +220,28 @@ def write_front_yaml(result: SearchResult, out: Path) -> Path | None:
             "front": [{"rank": n, "trial": t.number, "picked": t.trial_id == result.best.trial_id,
                        "values": front.values.get(t.trial_id, {}), "params": t.params, "mlflow_run_id": t.run_id,
                        "model_uri": uri, "trial_id": t.trial_id,
-                       "config": trial_run(exp, t.params, s.resources.cpu, s.resources.gpu).to_dict()}
+                       "config": trial_run(exp, t.params, s.resources.cpu, s.resources.gpu).to_dict(),
+                       **_confirmed(result, t)}
                       for n, (t, uri) in enumerate(zip(front.members, uris, strict=True), start=1)]}
     path = pareto_path(out)
     header = (f"# Pareto front of search {result.study_name} ({exp.name}): {len(front.members)} feasible, "
               f"non-dominated trials ranked by search.pick ({front.rule}), rank 1 first.\n# Values: each objective at "
               "the epoch where the first was best; costs as measured. The pick is in "
-              f"{out.name}.\n")
+              f"{out.name}.\n" + ("# confirmed: the first objective's mean, std and n over new seeds "
+                                  "(search.confirm); the pick is made on it.\n" if result.confirmed else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(to_plain(data), sort_keys=False, default_flow_style=None, width=120),
                     encoding="utf-8")
     return path
+
+
+def _confirmed(result: SearchResult, t: TrialSummary) -> dict[str, Any]:
+    """A front member's confirmation, as the export writes it (``confirmed: {metric, mean, std, n, failed}``)."""
+    stats = getattr(result, "confirmed", {}).get(t.number)
+    if not stats:
+        return {}
+    return {"confirmed": {"metric": result.experiment.search.metric, "mean": stats["mean"], "std": stats["std"],
+                          "n": int(stats["n"]), "failed": int(stats["failed"])}}
 
 
 def front_lines(result: SearchResult, export_path: Any) -> list[str]:

@@ -127,6 +127,9 @@ def confirmation_lines(result: SearchResult) -> list[str]:
     if not result.confirmed or result.raw_best is None:
         return []
     raw, best, metric = result.raw_best, result.best, result.experiment.search.metric
+    front = getattr(result, "front", None)               # several objectives: the front's pick before confirmation
+    if front is not None and front.members:
+        raw = front.pick or front.members[0]
 
     def stat(number: int) -> str:
         s = result.confirmed[number]
@@ -136,10 +139,12 @@ def confirmation_lines(result: SearchResult) -> list[str]:
 
     seeds = result.experiment.search.confirm.seeds if result.experiment.search.confirm else 0
     others = [stat(n) for n in result.confirmed if n != best.number]
-    head = f"search best: trial {raw.number} {raw.metric:.4f}; confirmed: " \
+    head = f"search {'pick' if front else 'best'}: trial {raw.number} {raw.metric:.4f}; confirmed: " \
            f"{stat(best.number) if best.number in result.confirmed else 'none'} over {seeds} seeds"
-    return ["", f"confirmation of the top {len(result.confirmed)} by {metric} (best mean over new seeds wins):",
-            "  " + "; ".join([head, *others])]
+    what = (f"the first {len(result.confirmed)} Pareto front members by search.pick {front.rule} (the rule on the "
+            f"confirmed mean of {metric} wins)" if front else
+            f"the top {len(result.confirmed)} by {metric} (best mean over new seeds wins)")
+    return ["", f"confirmation of {what}:", "  " + "; ".join([head, *others])]
 
 
 TOP_TAKEN = 10        # taken trials listed in the summary

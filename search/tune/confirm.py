@@ -2,7 +2,9 @@
 have ended, the top-k configs by the one ranking are trained again with new seeds (model init and data order;
 ``resplit``: also a fresh validation split drawn from the training data), as Ray trials with the experiment's
 resources, in parallel. Best-of-N on a noisy metric is biased upward (the winner's curse); the pick is made in
-search/publish/ from these runs.
+search/publish/ from these runs. With several objectives, the configs confirmed are the first ``top_k`` members of
+the Pareto front ranked by the pick rule (search/tune/objectives_run.py ``front_order``), and the pick rule is applied
+again on their confirmed values (search/publish/front.py).
 
 Each run is an MLflow run under the search (``drcaps.role=confirm``, ``drcaps.confirms_trial``,
 ``drcaps.confirm_seed``). The Optuna study records each confirmed trial's mean, spread and count as a study user
@@ -16,6 +18,7 @@ run.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import warnings
@@ -24,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 from search import ranking, tracking
 from search.storage import confirm_attr, tuned_optuna_storage
 from search.tune import lean, runtime
+from search.tune.objectives_run import front_order
 from search.tune.results import ConfirmRun, TrialSummary, scored
 from search.tune.searcher import TRIAL_NUMBER
 from search.tune.trial import CONFIRM_SEED, FAILURE_KEY, TrialContext, run_trial
 
 if TYPE_CHECKING:
     from drcapsnet.data import Datasets
+    from search.experiment.schema import SearchConfig
     from search.tune.lifecycle import OpenSearch
 
 POINT = "point"   # the one config key of a confirmation trial: the searched params, the trial number, the seed
@@ -40,10 +45,33 @@ def run_confirmation(config: dict[str, Any], ctx: TrialContext, datasets: Datase
     run_trial(dict(config[POINT]), ctx, datasets)
 
 
-def confirmation_points(trials: list[TrialSummary], top_k: int, seeds: int) -> list[dict[str, Any]]:
-    """One point per (top-k trial, seed index 1..seeds), best trial first."""
-    return [{**t.params, TRIAL_NUMBER: t.number, CONFIRM_SEED: seed}
-            for t in scored(trials)[:top_k] for seed in range(1, seeds + 1)]
+def candidates(trials: list[TrialSummary], search: SearchConfig, top_k: int) -> list[TrialSummary]:
+    """The trials to confirm, best first: the top ``top_k`` by the one ranking; with several objectives, the first
+    ``top_k`` members of the Pareto front ranked by ``search.pick`` (fewer when the front is smaller)."""
+    ranked = scored(trials)
+    if search.multi_objective:
+        ranked = [ranked[i] for i in front_order(ranked, search)]
+    return ranked[:top_k]
+
+
+def confirmation_points(chosen: list[TrialSummary], seeds: int) -> list[dict[str, Any]]:
+    """One point per (chosen trial, seed index 1..seeds), in the order of ``chosen``."""
+    return [{**t.params, TRIAL_NUMBER: t.number, CONFIRM_SEED: seed} for t in chosen for seed in range(1, seeds + 1)]
+
+
+def _starting(search: SearchConfig, chosen: list[TrialSummary], runs: int, done: int) -> str:
+    """The line printed when confirmation starts: what is confirmed, how often, what was done before."""
+    c = search.confirm
+    assert c is not None
+    if search.multi_objective:
+        rule = search.pick if isinstance(search.pick, str) else json.dumps(search.pick)
+        what = (f"the first {len(chosen)} Pareto front members by search.pick ({rule})"
+                + (f" (the front has only {len(chosen)}; search.confirm.top_k is {c.top_k})"
+                   if len(chosen) < c.top_k else ""))
+    else:
+        what = f"the top {len(chosen)} trials"
+    return (f"confirming {what} with {c.seeds} new seeds each ({runs} runs"
+            f"{', fresh validation splits' if c.resplit else ''}{f'; {done} done before' if done else ''})")
 
 
 def confirm(search: OpenSearch, trials: list[TrialSummary], datasets: Datasets | None,
@@ -55,7 +83,8 @@ def confirm(search: OpenSearch, trials: list[TrialSummary], datasets: Datasets |
     exp, c = search.exp, search.exp.search.confirm
     assert c is not None
     s = exp.search
-    wanted = confirmation_points(trials, c.top_k, c.seeds)
+    chosen = candidates(trials, s, c.top_k)
+    wanted = confirmation_points(chosen, c.seeds)
     done = {key: run for key, run in finished_runs(search.uri, search.parent_run_id, s.metric, s.mode).items()
             if key in {(p[TRIAL_NUMBER], p[CONFIRM_SEED]) for p in wanted}}     # an extension reuses these
     points = [p for p in wanted if (p[TRIAL_NUMBER], p[CONFIRM_SEED]) not in done]
@@ -67,9 +96,7 @@ def confirm(search: OpenSearch, trials: list[TrialSummary], datasets: Datasets |
                                     {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
     folder = search.plan.folder / f"{search.folder.name}-confirm"
     if verbose >= 1:
-        print(f"confirming the top {len(wanted) // c.seeds} trials with {c.seeds} new seeds each "
-              f"({len(points)} runs{', fresh validation splits' if c.resplit else ''}"
-              f"{f'; {len(done)} done before' if done else ''})", flush=True)
+        print(_starting(s, chosen, len(points), len(done)), flush=True)
     if folder.is_dir() and (folder / "tuner.pkl").exists():
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
     else:

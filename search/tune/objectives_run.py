@@ -1,5 +1,7 @@
 """What a multi-objective search needs while it runs (issue 18): the costs a trial measures and reports with every
-epoch (:class:`TrialCosts`), and the constraints Optuna's sampler checks (:class:`StudyConstraints`).
+epoch (:class:`TrialCosts`), the constraints Optuna's sampler checks (:class:`StudyConstraints`), and the front's
+ranking by the pick rule (:func:`front_order`), which both the confirmation (search/tune/confirm.py: the members it
+trains again) and the publish step (search/publish/front.py: the front, its ranks and pick) read.
 
 Costs (``search.measured_costs``: the cost metrics the objectives, constraints or pick name), measured once per
 trial attempt, at its first report, on the trial's own device and thread count (``train`` has set them up by then):
@@ -20,9 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search import pareto
+
+if TYPE_CHECKING:
+    from search.experiment.schema import SearchConfig
+    from search.tune.results import TrialSummary
 
 LATENCY_BATCH = 32     # images per timed pass: a serving batch; per-image latency = median pass / 32
 LATENCY_REPEATS = 20   # timed passes (the median of them is taken)
@@ -87,3 +93,21 @@ class StudyConstraints:
         if trial.values is not None:
             values.update({m: v for m, v in zip(self.metrics, trial.values, strict=False)})
         return [c if math.isfinite(c) else 1e300 for c in pareto.constraint_values(values, self.constraints)]
+
+
+def value_names(search: SearchConfig) -> list[str]:
+    """The metrics a trial is judged by on the front: the objectives, then the constrained metrics."""
+    return list(dict.fromkeys([m for m, _ in search.objective_pairs] + list(search.constraints)))
+
+
+def trial_values(t: TrialSummary, names: Sequence[str]) -> dict[str, float]:
+    """The trial's value of each metric in ``names`` (those it reported; its values at the epoch where its first
+    objective was best, ``TrialSummary.metrics``)."""
+    return {n: float(t.metrics[n]) for n in names if n in t.metrics and math.isfinite(float(t.metrics[n]))}
+
+
+def front_order(trials: Sequence[TrialSummary], search: SearchConfig) -> list[int]:
+    """Indices of the ``trials`` (scored ones) on their Pareto front, ranked by ``search.pick`` (rank 1 first:
+    ``pareto.rank_front``)."""
+    rows = [trial_values(t, value_names(search)) for t in trials]
+    return pareto.rank_front(rows, search.objective_pairs, search.pick, search.constraints)

@@ -119,11 +119,12 @@ def test_scheduler_is_mo_asha_for_several_objectives_and_asha_for_one(tmp_path):
     assert type(make_scheduler(single, 4)) is AsyncHyperBandScheduler
 
 
-def test_confirm_with_several_objectives_is_one_problem_before_any_work(tmp_path):
+def test_confirm_with_several_objectives_is_accepted_and_its_other_checks_kept(tmp_path):
     from drcapsnet.errors import ConfigError
 
-    with pytest.raises(ConfigError) as e:
-        _experiment(tmp_path, confirm={"top_k": 2, "seeds": 2})
-    lines = str(e.value).splitlines()[1:]                                 # the file, then one line per problem
-    assert [line.split(":")[0].strip() for line in lines] == ["search.confirm"]
-    assert "one objective only" in lines[0]
+    assert _experiment(tmp_path, confirm={"top_k": 2, "seeds": 2}).search.confirm.top_k == 2
+    for confirm, name in (({"top_k": 13}, "search.confirm.top_k"), ({"seeds": 0}, "search.confirm.seeds")):
+        with pytest.raises(ConfigError) as e:
+            _experiment(tmp_path, confirm=confirm)
+        lines = str(e.value).splitlines()[1:]                             # the file, then one line per problem
+        assert [line.split(":")[0].strip() for line in lines] == [name]
