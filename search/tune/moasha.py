@@ -24,6 +24,18 @@ Rungs (as Ray's ASHA, one bracket): ``grace_period * reduction_factor**k`` for `
 trial is stopped at ``max_t`` (and recorded there when it completes, for the trials that come after).
 ``time_attr`` is ``training_iteration`` (one per epoch here).
 
+A prior (``prior``, a warm start's taken trials, search/tune/searcher.py ``make_scheduler``): values recorded at each
+rung before any new trial, in arrival order, so a new trial is judged against them from its first rung (Ray's ASHA
+starts with empty rungs). :func:`rung_prior` records a finished curve as the trials above are recorded: each epoch at
+the highest rung it reaches, once per rung, so a taken trial stopped before a rung is not recorded there.
+
+With ONE objective the rule is ASHA's "keep the top ``ceil(n / reduction_factor)``" (the NSGA-II order of one value
+is its rank; a NaN is last). Ray's ``AsyncHyperBandScheduler`` cuts differently: a trial continues when its value is
+at least the ``(1 - 1/reduction_factor)`` percentile (linearly interpolated, NaN ignored) of the EARLIER values only,
+and a NaN continues. Near the cutoff they differ both ways: earlier (1, 2), rf 2, new 1.4: Ray stops it (cutoff 1.5),
+this keeps it (2nd of 3); earlier (0, 6), rf 3, new 5: Ray keeps it (cutoff 4), this stops it (2nd of 3, 1 kept).
+Ray's ASHA stays the scheduler of a one-objective search without a warm start (docs/notes.md).
+
 Ray Tune's scheduler seam only: ``FIFOScheduler`` and its public hooks (``on_trial_add``, ``on_trial_result``,
 ``on_trial_complete``, ``on_trial_remove``, ``choose_trial_to_run`` inherited, ``debug_string``, ``save``/
 ``restore``). Ray is imported here, as everywhere in ``search/tune/``.
@@ -33,7 +45,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
@@ -64,14 +76,34 @@ def rung_decision(recorded: Sequence[Sequence[float]], new: Sequence[float], mod
     return CONTINUE if place < len(table) / reduction_factor else STOP
 
 
+def rung_prior(curves: Iterable[Mapping[int, Sequence[float]]],
+               milestones: Sequence[float]) -> dict[float, list[tuple[float, ...]]]:
+    """``{milestone: [objective vectors]}``: finished trials' ``curves`` (``{epoch: one value per objective}``) as the
+    scheduler would have recorded them, in the curves' order: each epoch, ascending, at the highest milestone it
+    reaches, when the trial is not recorded there yet (a gap in a curve is judged at the next epoch, as a live trial
+    that jumps a rung is). A curve that ends before a milestone is not recorded there."""
+    prior: dict[float, list[tuple[float, ...]]] = {m: [] for m in milestones}
+    for curve in curves:
+        done: set[float] = set()
+        for epoch in sorted(curve):
+            reached = [m for m in milestones if epoch >= m]
+            if reached and reached[-1] not in done:
+                done.add(reached[-1])
+                prior[reached[-1]].append(tuple(float(v) for v in curve[epoch]))
+    return prior
+
+
 class MOASHAScheduler(FIFOScheduler):
     """MO-ASHA over ``objectives`` (``(metric, mode)`` pairs); see the module docstring for the rule.
 
     Tune's own ``metric``/``mode`` (``tune.TuneConfig``) may name the first objective or be left out; another
-    metric is refused as Tune refuses it for a scheduler made with its own metric."""
+    metric is refused as Tune refuses it for a scheduler made with its own metric. ``prior``: ``{milestone: [one
+    value per objective, ...]}`` recorded at the rungs before any trial (:func:`rung_prior` builds it); it is part of
+    the scheduler's state, so Tune's pickle and ``save``/``restore`` keep it."""
 
     def __init__(self, objectives: Sequence[tuple[str, str]], *, grace_period: int = 1,
-                 reduction_factor: float = 2.0, max_t: int = 100, time_attr: str = "training_iteration") -> None:
+                 reduction_factor: float = 2.0, max_t: int = 100, time_attr: str = "training_iteration",
+                 prior: Mapping[float, Sequence[Sequence[float]]] | None = None) -> None:
         if not objectives or any(mode not in ("max", "min") for _, mode in objectives):
             raise ValueError(f"objectives must be (metric, 'max'|'min') pairs, got {list(objectives)!r}")
         if not (grace_period >= 1 and reduction_factor > 1 and max_t >= grace_period):
@@ -86,6 +118,19 @@ class MOASHAScheduler(FIFOScheduler):
         self.rungs: dict[float, dict[str, tuple[float, ...]]] = {m: {} for m in self.milestones}   # trial -> values
         self._known: dict[str, dict[str, float]] = {}         # trial id -> latest value of each objective
         self.num_stopped = 0
+        self.prior_sizes = self._add_prior(prior or {})      # milestone -> how many prior values start it
+
+    def _add_prior(self, prior: Mapping[float, Sequence[Sequence[float]]]) -> dict[float, int]:
+        """Record ``prior`` at its rungs first, under ids no Ray trial has (``prior/<milestone>/<i>``)."""
+        if unknown := sorted(set(prior) - set(self.milestones)):
+            raise ValueError(f"prior: {unknown} are not rungs; the rungs are {self.milestones}")
+        for milestone, vectors in prior.items():
+            for i, vector in enumerate(vectors):
+                if len(vector) != len(self.objectives):
+                    raise ValueError(f"prior: {list(vector)!r} at rung {milestone:g} has {len(vector)} values, "
+                                     f"expected one per objective ({len(self.objectives)})")
+                self.rungs[milestone][f"prior/{milestone:g}/{i}"] = tuple(float(v) for v in vector)
+        return {m: len(self.rungs[m]) for m in self.milestones}
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         """Accept Tune's metric/mode only when they are the first objective's (or absent)."""
@@ -130,7 +175,9 @@ class MOASHAScheduler(FIFOScheduler):
         return action
 
     def debug_string(self) -> str:
-        rungs = " | ".join(f"t={m:g}: {len(r)} recorded" for m, r in self.rungs.items())
+        prior = getattr(self, "prior_sizes", {})             # a scheduler pickled before the prior existed has none
+        rungs = " | ".join(f"t={m:g}: {len(r)} recorded" + (f" ({prior[m]} prior)" if prior.get(m) else "")
+                           for m, r in self.rungs.items())
         names = ", ".join(f"{metric} ({mode})" for metric, mode in self.objectives)
         return f"Using MO-ASHA over {names}: num_stopped={self.num_stopped}\nRungs: {rungs}"
 

@@ -1,16 +1,18 @@
-"""MO-ASHA: the rung rule on hand-made tables, the scheduler's bookkeeping through Tune's hooks, and one real Tune run
-whose stops are worked out by hand."""
+"""MO-ASHA: the rung rule on hand-made tables, the scheduler's bookkeeping through Tune's hooks, a prior (a warm
+start's taken trials) at its rungs, and one real Tune run whose stops are worked out by hand."""
 
 from __future__ import annotations
 
+import math
 import pickle
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ray.tune.experiment import Trial
 
-from search.tune.moasha import CONTINUE, STOP, MOASHAScheduler, rung_decision, rung_milestones
+from search.tune.moasha import CONTINUE, STOP, MOASHAScheduler, rung_decision, rung_milestones, rung_prior
 
 MODES = ["max", "min"]                  # (val_acc, latency_ms)
 
@@ -105,6 +107,64 @@ def test_tunes_metric_must_be_the_first_objective() -> None:
         MOASHAScheduler([("val_acc", "maximize")])
     with pytest.raises(ValueError, match="reduction_factor"):
         MOASHAScheduler([("val_acc", "max")], reduction_factor=1)
+
+
+# ---------------------------------------------------------------------------------------------------- a prior
+
+def test_one_objective_is_asha_keep_the_top_ceil_n_over_rf() -> None:
+    rng = random.Random(0)
+    for _ in range(2000):                               # small integers: many ties
+        rf, mode = rng.choice([1.5, 2, 3, 4]), rng.choice(["max", "min"])
+        recorded = [(float(rng.randint(0, 5)),) for _ in range(rng.randint(0, 7))]
+        new = (float(rng.randint(0, 5)),)
+        sign = 1 if mode == "max" else -1
+        ahead = sum(sign * r[0] > sign * new[0] for r in recorded)        # ties go to the newcomer
+        kept = math.ceil((len(recorded) + 1) / rf)
+        assert rung_decision(recorded, new, [mode], rf) == (CONTINUE if ahead < kept else STOP), (recorded, new, rf)
+
+
+@pytest.mark.parametrize("rf", [2, 3])
+def test_a_prior_of_three_good_values_stops_a_worse_newcomer_at_the_first_rung(rf: int) -> None:
+    prior = {1: [(0.80,), (0.85,), (0.90,)]}           # three taken trials' val_acc at epoch 1
+    s = MOASHAScheduler([("val_acc", "max")], grace_period=1, reduction_factor=rf, max_t=9, prior=prior)
+    worse, better = trial("worse"), trial("better")
+    for t in (worse, better):
+        s.on_trial_add(None, t)                                          # type: ignore[arg-type]
+    assert s.on_trial_result(None, worse, {"training_iteration": 1, "val_acc": 0.50}) == STOP    # 4th of 4
+    assert s.on_trial_result(None, better, {"training_iteration": 1, "val_acc": 0.95}) == CONTINUE
+    assert list(s.rungs[1].values()) == [(0.80,), (0.85,), (0.90,), (0.50,), (0.95,)]
+    assert s.num_stopped == 1 and "t=1: 5 recorded (3 prior)" in s.debug_string()
+    empty = MOASHAScheduler([("val_acc", "max")], grace_period=1, reduction_factor=rf, max_t=9)
+    assert empty.on_trial_result(None, worse, {"training_iteration": 1, "val_acc": 0.50}) == CONTINUE   # first
+
+
+def test_a_prior_survives_save_restore_and_tunes_pickle(tmp_path: Path) -> None:
+    prior = {1: [(0.8, 2.0), (0.9, 3.0)], 2: [(0.9, 2.0)]}
+    s = MOASHAScheduler([("val_acc", "max"), ("latency_ms", "min")], max_t=4, prior=prior)
+    s.save(str(tmp_path / "s.pkl"))
+    fresh = MOASHAScheduler([("val_acc", "max"), ("latency_ms", "min")], max_t=4)
+    fresh.restore(str(tmp_path / "s.pkl"))
+    for restored in (fresh, pickle.loads(pickle.dumps(s))):             # save/restore; tuner.pkl's pickle
+        assert restored.rungs == s.rungs and restored.prior_sizes == {1: 2, 2: 1, 4: 0}
+        assert restored.on_trial_result(None, trial("new"), {"training_iteration": 1, "val_acc": 0.7,
+                                                              "latency_ms": 4.0}) == STOP    # dominated by both
+
+
+def test_a_prior_must_name_rungs_and_hold_one_value_per_objective() -> None:
+    with pytest.raises(ValueError, match=r"prior: \[3\] are not rungs"):
+        MOASHAScheduler([("val_acc", "max")], max_t=4, prior={3: [(0.5,)]})
+    with pytest.raises(ValueError, match="expected one per objective"):
+        MOASHAScheduler([("val_acc", "max"), ("params", "min")], max_t=4, prior={1: [(0.5,)]})
+
+
+def test_rung_prior_records_each_curve_where_a_live_trial_would_be() -> None:
+    milestones = rung_milestones(1, 2, 4)                                # [1, 2, 4]
+    curves = [{1: (0.5,), 2: (0.6,), 3: (0.65,), 4: (0.7,)},            # ran to max_t: every rung
+              {1: (0.3,)},                                               # stopped after epoch 1: rung 1 only
+              {1: (0.4,), 3: (0.55,)},                                   # epoch 2 missing: rung 2 from epoch 3
+              {}]
+    assert rung_prior(curves, milestones) == {1: [(0.5,), (0.3,), (0.4,)], 2: [(0.6,), (0.55,)], 4: [(0.7,)]}
+    assert rung_prior([{1: (0.5,), 2: (0.6,)}], rung_milestones(2, 2, 8)) == {2: [(0.6,)], 4: [], 8: []}
 
 
 # ---------------------------------------------------------------------------------------------------- real Tune
