@@ -1,6 +1,7 @@
 """A real multi-objective search on the digits (embedded Ray, Optuna, MLflow; MO-ASHA, TPE): the front in the
 summary, NAME.pareto.yaml, NAME.best.yaml, the MLflow tags and aliases, the Optuna study and the report all agree;
-and a multi-objective search stopped by Ctrl-C, then ``--resume``, ends with every trial and a front."""
+the same search with ``search.confirm`` confirms its first front members and crowns by the rule on their confirmed
+values; and a multi-objective search stopped by Ctrl-C, then ``--resume``, ends with every trial and a front."""
 
 from __future__ import annotations
 
@@ -134,6 +135,73 @@ def test_report_draws_the_same_front_and_marks_the_pick(searched):
     picked = result.front.values[result.best.trial_id]
     assert traces["pick"]["x"] == pytest.approx([picked["params"]])
     assert figures["hypervolume"]["data"][0]["y"][-1] == pytest.approx(result.front.hypervolume)
+
+
+# ---------------------------------------------------------------- the front confirmed before its pick is crowned
+
+CONFIRM = {"top_k": 2, "seeds": 2}
+
+
+@pytest.fixture(scope="module")
+def confirmed(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path, str]:
+    """The same search with ``search.confirm: {top_k: 2, seeds: 2}``, published and written out; its summary."""
+    import contextlib
+    import io
+
+    import ray
+
+    tmp = tmp_path_factory.mktemp("mo-confirm")
+    raw = _raw(tmp, "mo-confirm")
+    raw["search"] = {**SEARCH, "confirm": CONFIRM}
+    exp = experiment_from_dict(raw, base_dir=tmp)
+    printed = io.StringIO()
+    try:
+        plan = make_plan(exp, storage_path=tmp / "ray", out=tmp / "mo-confirm.best.yaml")
+        result = publish(plan, run_search(plan, verbose=0))
+        with contextlib.redirect_stdout(printed):
+            assert write_outputs(plan, result) == 0
+    finally:
+        ray.shutdown()
+    return result, tmp, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_the_first_front_members_are_confirmed_and_the_rule_picks_on_their_confirmed_values(confirmed):
+    from search import pareto, ranking
+
+    result, tmp, summary = confirmed
+    uri, parent, front = result.tracking_uri, result.parent_run_id, result.front
+    assert front is not None and len(front.members) >= CONFIRM["top_k"], summary
+    ranked = tracking.get_run(uri, parent).tags["drcaps.pareto.front"].split(",")     # the search's rank order
+    first = [int(n) for n in ranked[: CONFIRM["top_k"]]]
+    runs = tracking.child_runs(uri, parent, role="confirm")
+    assert sorted((int(r.tags["drcaps.confirms_trial"]), int(r.tags["drcaps.confirm_seed"])) for r in runs) == \
+        sorted((n, seed) for n in first for seed in (1, 2))
+    means: dict[int, list[float]] = {}
+    for r in runs:
+        found = ranking.best_epoch(tracking.metric_history(uri, r.run_id, "val_acc"), "max")
+        assert r.status == "FINISHED" and found is not None
+        means.setdefault(int(r.tags["drcaps.confirms_trial"]), []).append(found[1])
+    by_number = {m.number: m for m in front.members}
+    rows = [{**front.values[by_number[n].trial_id], "val_acc": sum(means[n]) / 2} for n in first]   # costs kept
+    expected = first[pareto.pick(rows, front.objectives, "knee")]
+    assert result.best.number == expected and result.confirmed[expected]["n"] == 2
+    mean = sum(means[expected]) / 2
+    # @best, the export, NAME.pareto.yaml, the parent run and the summary agree on the confirmed pick.
+    assert tracking.model_version(uri, "mo-confirm-capsnet", "best")["run_id"] == result.best.run_id
+    export = yaml.safe_load((tmp / "mo-confirm.best.yaml").read_text())
+    assert export["result"]["trial_id"] == result.best.trial_id
+    assert export["result"]["confirmed"]["mean"] == pytest.approx(mean) and export["result"]["confirmed"]["n"] == 2
+    data = yaml.safe_load((tmp / "mo-confirm.pareto.yaml").read_text())
+    assert data["picked_trial"] == expected
+    assert {m["trial"]: m["confirmed"]["mean"] for m in data["front"] if "confirmed" in m} == \
+        pytest.approx({n: sum(v) / 2 for n, v in means.items()})
+    run = tracking.get_run(uri, parent)
+    assert run.tags["drcaps.best_trial"] == str(expected) and run.tags["drcaps.confirmed"] == "true"
+    assert run.metrics["confirmed_val_acc_mean"] == pytest.approx(mean)
+    assert "confirmation of the first 2 Pareto front members by search.pick knee" in summary
+    assert f"best: trial {expected}," in summary and f"confirmed {mean:.4f}" in summary
+    assert len(tracking.child_runs(uri, parent)) == SEARCH["num_samples"]    # confirmation runs are not trials
 
 
 # ---------------------------------------------------------------- an interrupted multi-objective search, resumed
