@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", type=Path, help=EXPERIMENT_HELP)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--address", help="Ray cluster to join: auto | ray://host:10001 (default: start Ray here)")
+    p.add_argument("--submit", nargs="?", const="", metavar="ADDRESS",
+                   help="hand the search to Ray Jobs at ADDRESS (http://HOST:8265; default: RAY_API_SERVER_ADDRESS, "
+                        "else http://127.0.0.1:8265) and return: prints the job id and how to follow and stop it")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the experiment's, else sqlite:///mlflow.db)")
     p.add_argument("--storage-path", type=Path, help="Ray Tune results folder (default: ./drcaps-runs)")
     p.add_argument("--out", type=Path, help="where to export the best config (default: <experiment>.best.yaml here)")
@@ -135,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2 trials x 1 epoch on at most 256 images, recorded apart (experiment NAME-smoke)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="also show Ray Tune's own trial tables and the libraries' logs")
+
+    p = _command(sub, "follow", "stream a search's Ray Job log until it ends (drcaps search --submit)")
+    p.add_argument("job_id", metavar="JOB_ID", help="the job id drcaps search --submit printed")
+    p.add_argument("--address", help="the Ray Jobs API, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, else "
+                                     "http://127.0.0.1:8265)")
 
     p = _command(sub, "export-best", "write the best trial's config (+ metrics, run id, model URI)")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (the experiment file's name)")
@@ -204,6 +212,11 @@ def _call(args: argparse.Namespace) -> int:
         from search.tune import is_ray_client
 
         overrides = args.set + [f"search.warm_start.experiment={json.dumps(n)}" for n in [args.warm_start] if n]
+        if args.submit is not None:              # a Ray Job on the cluster's head (search/commands/jobs.py)
+            return commands.submit_command(
+                args.experiment, overrides, submit=args.submit, address=args.address, tracking_uri=args.tracking_uri,
+                storage_path=args.storage_path, out=args.out, resume=args.resume, smoke_test=args.smoke_test,
+                verbose=args.verbose, extend=args.extend)
         if is_ray_client(args.address) and args.extend is not None:
             raise UsageError("--extend: not through ray:// (the state file is on the head); run it on the head with "
                              "--address auto, e.g. docker compose exec ray-head drcaps search EXP.yaml --extend N")
@@ -216,6 +229,8 @@ def _call(args: argparse.Namespace) -> int:
                                        tracking_uri=args.tracking_uri, storage_path=args.storage_path, out=args.out,
                                        resume=args.resume, smoke_test=args.smoke_test, verbose=args.verbose,
                                        extend=args.extend)
+    if args.command == "follow":
+        return commands.follow_command(args.job_id, address=args.address)
     if args.command == "export-best":
         return commands.export_best_command(args.experiment, args.out, tracking_uri=args.tracking_uri,
                                             fmt=args.format, csv=args.csv)

@@ -44,7 +44,13 @@ exit codes: 0 done, 2 a bad input (one 'error:' line, before any work starts), 1
   drcaps search experiments/quickstart.yaml --resume              continue after Ctrl-C
   drcaps search experiments/quickstart.yaml --extend 10           10 more trials of the finished search
   drcaps search narrow.yaml --warm-start quickstart               start from quickstart's trials that fit
-  drcaps search experiments/quickstart.yaml --address ray://127.0.0.1:10001 --tracking-uri http://mlflow:5000""",
+  drcaps search experiments/quickstart.yaml --address ray://127.0.0.1:10001 --tracking-uri http://mlflow:5000
+  drcaps search experiments/quickstart.yaml --submit http://127.0.0.1:8265   a Ray Job; prints how to follow it""",
+    "follow": """examples:
+  drcaps follow drcaps-quickstart-1a2b3c            the job's log as it comes; exit code 0 SUCCEEDED,
+                                                    130 STOPPED (or Ctrl-C: detached, it keeps running), 1 FAILED
+  drcaps follow drcaps-quickstart-1a2b3c --address http://127.0.0.1:8265
+  ray job stop --address http://127.0.0.1:8265 drcaps-quickstart-1a2b3c   stop it as Ctrl-C does""",
     "export-best": """examples:
   drcaps export-best --experiment quickstart --out best.yaml
   drcaps export-best --experiment quickstart --out best.json --csv trials.csv""",

@@ -7,6 +7,7 @@ Every check that can be made before work starts is made first and raises a
 - ``training``: ``train_command``, ``evaluate_command``, ``validate_command`` (one model, one experiment file)
 - ``searching``: ``search_command``: plan, run, publish (search/plan.py, search.tune, search/publish/)
 - ``cluster``: ``search_through_ray_client`` / ``search_on_head``, the search as one task on a Ray cluster's head
+- ``jobs``: ``submit_command`` (``drcaps search --submit``), ``follow_command``: the search as a Ray Job
 - ``records``: ``export_best_command``, ``report_command``, ``ui_command`` (read what searches recorded)
 
 The logic they call lives in the library: checkpoint rules in drcapsnet/checkpoint.py, evaluation in
@@ -17,10 +18,12 @@ search/publish/, export in search/export.py.
 from __future__ import annotations
 
 from search.commands.cluster import search_on_head, search_through_ray_client
+from search.commands.jobs import follow_command, submit_command
 from search.commands.records import export_best_command, report_command, ui_command
 from search.commands.searching import search_command
 from search.commands.training import evaluate_command, train_command, validate_command
 
-__all__ = ["evaluate_command", "export_best_command", "report_command", "search_command", "search_on_head",
-           "search_through_ray_client", "train_command", "ui_command", "validate_command"]
+__all__ = ["evaluate_command", "export_best_command", "follow_command", "report_command", "search_command",
+           "search_on_head", "search_through_ray_client", "submit_command", "train_command", "ui_command",
+           "validate_command"]
 

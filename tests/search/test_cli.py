@@ -358,7 +358,7 @@ def test_help_is_for_users_with_an_example_per_command(capsys: pytest.CaptureFix
     for developer_word in ("_call", "RUN_FLAGS", "EXIT_CODES", "Namespace", "DrcapsError"):
         assert developer_word not in text, developer_word
     commands_ = _subparsers(build_parser())
-    assert set(commands_) == {"train", "evaluate", "validate", "search", "export-best", "report", "ui"}
+    assert set(commands_) == {"train", "evaluate", "validate", "search", "follow", "export-best", "report", "ui"}
     for name in commands_:
         assert name in text
         sub = _help(capsys, [name, "--help"])
