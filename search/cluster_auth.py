@@ -70,3 +70,10 @@ def as_published(text: str) -> str:
     inside = os.environ.get("MLFLOW_TRACKING_URI", "").rstrip("/")
     outside = os.environ.get("DRCAPS_MLFLOW_PUBLIC_URL", "").rstrip("/")
     return text.replace(inside, outside) if inside and outside else text
+
+
+def inside_a_stack() -> bool:
+    """Whether this process runs on a node of a stack whose services have other names outside it (docker-compose.yml
+    sets ``DRCAPS_MLFLOW_PUBLIC_URL``): the MLflow address is rewritten by :func:`as_published`; PostgreSQL is not
+    published at all."""
+    return bool(os.environ.get("DRCAPS_MLFLOW_PUBLIC_URL"))

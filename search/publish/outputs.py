@@ -97,7 +97,6 @@ def _copy_report(result: SearchResult, out: Path) -> Path | None:
 def links(plan: SearchPlan, result: SearchResult) -> dict[str, str]:
     """Where to look next: the MLflow UI (and the pages of the search run and the best trial), Optuna Dashboard."""
     from search.cluster_auth import as_published
-    from search.stores import masked
 
     uri = result.tracking_uri
     out = {}
@@ -107,8 +106,20 @@ def links(plan: SearchPlan, result: SearchResult) -> dict[str, str]:
     out["search run (MLflow)"] = as_published(tracking.run_url(uri, result.parent_run_id))   # as a person opens it
     if result.best_run_id:
         out["best trial (MLflow)"] = as_published(tracking.run_url(uri, result.best_run_id))
-    out["Optuna Dashboard"] = f"optuna-dashboard {masked(result.storage_url)}   (pip install optuna-dashboard)"
+    out["Optuna Dashboard"] = dashboard_line(result.storage_url)
     return out
+
+
+def dashboard_line(storage_url: str) -> str:
+    """How to open the study in Optuna Dashboard (the password masked). In a stack, its database server is not
+    published: the command works only on a machine of the cluster's network, and the line says so."""
+    from search.cluster_auth import inside_a_stack
+    from search.stores import masked
+
+    server = storage_url.startswith(("postgresql", "mysql"))
+    return f"optuna-dashboard {masked(storage_url)}   " + (
+        "(from a machine of the cluster's network: its database is not published; the report shows the study)"
+        if server and inside_a_stack() else "(pip install optuna-dashboard)")
 
 
 def outcome_label(outcome: str, error: str | None) -> str:

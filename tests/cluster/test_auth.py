@@ -42,3 +42,15 @@ def test_the_head_s_mlflow_address_as_published(monkeypatch: pytest.MonkeyPatch)
     assert as_published(text) == text                                  # nothing published: unchanged
     monkeypatch.setenv("DRCAPS_MLFLOW_PUBLIC_URL", "http://127.0.0.1:15000/")
     assert as_published(text) == text.replace("http://mlflow:5000", "http://127.0.0.1:15000")
+
+
+def test_the_optuna_dashboard_line_says_where_a_stack_s_database_is_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.publish.outputs import dashboard_line
+
+    url = "postgresql+psycopg2://optuna:s3cret@postgres:5432/optuna"
+    monkeypatch.delenv("DRCAPS_MLFLOW_PUBLIC_URL", raising=False)
+    assert "pip install optuna-dashboard" in dashboard_line(url) and "s3cret" not in dashboard_line(url)
+    monkeypatch.setenv("DRCAPS_MLFLOW_PUBLIC_URL", "http://127.0.0.1:15000")      # a node of the compose stack
+    line = dashboard_line(url)
+    assert "cluster's network" in line and "s3cret" not in line, line
+    assert "pip install" in dashboard_line("sqlite:////work/optuna.db")          # a file: as everywhere
