@@ -5,7 +5,8 @@ search; the confirmation (search/tune/confirm.py) feeds the pick here.
 "Best" (docs/notes.md): without ``search.confirm``, the trial with the best value of the search metric at any epoch
 (search/ranking.py). With it, among the top-k trials whose confirmation runs all finished, the best MEAN over those
 runs (ties: the better search value, then the earlier trial); a config that failed or diverged in confirmation is
-reported and never crowned.
+reported and never crowned. With several objectives: the pick rule on the Pareto front, applied with confirmation
+to the confirmed front members' values (search/publish/front.py ``front_pick``).
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def confirmation_points(chosen: list[TrialSummary], seeds: int) -> list[dict[str
     return [{**t.params, TRIAL_NUMBER: t.number, CONFIRM_SEED: seed} for t in chosen for seed in range(1, seeds + 1)]
 
 
-def _starting(search: SearchConfig, chosen: list[TrialSummary], runs: int, done: int) -> str:
+def starting_line(search: SearchConfig, chosen: list[TrialSummary], runs: int, done: int) -> str:
     """The line printed when confirmation starts: what is confirmed, how often, what was done before."""
     c = search.confirm
     assert c is not None
@@ -96,7 +96,7 @@ def confirm(search: OpenSearch, trials: list[TrialSummary], datasets: Datasets |
                                     {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
     folder = search.plan.folder / f"{search.folder.name}-confirm"
     if verbose >= 1:
-        print(_starting(s, chosen, len(points), len(done)), flush=True)
+        print(starting_line(s, chosen, len(points), len(done)), flush=True)
     if folder.is_dir() and (folder / "tuner.pkl").exists():
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
     else:

@@ -17,7 +17,7 @@ from search.publish.front import front_of, front_pick, write_front_yaml
 from search.publish.outputs import confirmation_lines
 from search.space import trial_run
 from search.tune import ConfirmRun, SearchRecords, TrialSummary
-from search.tune.confirm import candidates
+from search.tune.confirm import candidates, starting_line
 
 # name: (val_acc, params), trial number = position. Feasible under params <= 1000: a, b, c, e (d is not); c is
 # dominated by a. The front ranked knee first is b, a, e (tests/search/test_front.py works it out).
@@ -52,6 +52,18 @@ def test_the_configs_confirmed_are_the_first_front_members_by_the_pick_rule(tmp_
     assert _ids(candidates(rule.trials, rule.experiment.search, 2)) == ["e", "a"]
     one = _records(tmp_path, objectives=[], metric="val_acc", mode="max", constraints={}, pick="knee")
     assert _ids(candidates(one.trials, one.experiment.search, 2)) == ["d", "a"]   # one objective: the top-k
+
+
+def test_the_starting_line_says_when_the_front_is_smaller_than_top_k(tmp_path):
+    records = _records(tmp_path, confirm={"top_k": 5, "seeds": 2})
+    s = records.experiment.search
+    line = starting_line(s, candidates(records.trials, s, 5), 6, 0)
+    assert line == ("confirming the first 3 Pareto front members by search.pick (knee) (the front has only 3; "
+                    "search.confirm.top_k is 5) with 2 new seeds each (6 runs)")
+    s = _records(tmp_path).experiment.search                              # top_k 2
+    two = starting_line(s, candidates(records.trials, s, 2), 2, 2)
+    assert two.startswith("confirming the first 2 Pareto front members by search.pick (knee) with 2 new seeds")
+    assert two.endswith("(2 runs; 2 done before)")
 
 
 def test_confirmed_means_can_change_the_pick_and_costs_keep_the_searchs_values(tmp_path):
