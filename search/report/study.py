@@ -121,10 +121,16 @@ def study_sections(study: optuna.Study, metric: str, source: str) -> list[Sectio
                        f"with their best {metric}.")
 
     def made(key: str, title: str, caption: str, plot: Callable[[], go.Figure], note: str = "") -> Section:
+        import warnings
+
         try:
-            return Section(key, title, caption, plot(), f"From the {source}.{note}")
+            with warnings.catch_warnings(record=True) as said:    # e.g. "too few trials to compute importances"
+                warnings.simplefilter("always", UserWarning)
+                figure = plot()
         except (ValueError, RuntimeError) as e:            # e.g. importances need two scored trials
             return Section(key, title, caption, None, f"Not drawn: {e}")
+        told = "".join(f" Optuna: {w.message}" for w in said if issubclass(w.category, UserWarning))
+        return Section(key, title, caption, figure, f"From the {source}.{note}{told}")
 
     return [
         made("optimization_history", "Optimisation history",

@@ -335,3 +335,24 @@ def test_the_confirmation_figure_orders_configs_as_search_ranking_does(tmp_path:
     section = confirmation_section(data, uri)
     assert section is not None
     assert list(section.figure.data[0].x) == ["trial 1", "trial 0", "trial 2"]
+
+
+def test_optunas_warning_about_too_few_trials_goes_into_the_report_not_the_terminal(tmp_path: Path) -> None:
+    import warnings
+
+    import optuna
+
+    from search.report.study import study_sections
+
+    study = optuna.create_study(direction="maximize")
+    for lr, units, value in ((0.01, 4, 0.5),):                        # 1 trial: too few for importances
+        study.add_trial(optuna.trial.create_trial(params={"train.lr": lr, "model.units": units}, value=value,
+                                                  distributions={
+            "train.lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True),
+            "model.units": optuna.distributions.CategoricalDistribution([4, 8])}))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        sections = {s.key: s for s in study_sections(study, "val_acc", "Optuna study")}
+    assert not [w for w in shown if "importances" in str(w.message)], [str(w.message) for w in shown]
+    importances = sections["param_importances"]
+    assert importances.figure is not None and "too small to compute importances" in importances.note, importances
