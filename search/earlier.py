@@ -3,22 +3,28 @@ that ``--extend N`` continues, and the search whose trials ``search.warm_start``
 which). Read-only: MLflow through ``search.tracking``, the state file, the Optuna study's name; nothing is written.
 
 After the run, :func:`taken_trials` reads back which trials of a study were copied from another one (the summary and
-the report mark them; they are never crowned: their runs and checkpoints belong to the other search).
+the report mark them; they are never crowned: their runs and checkpoints belong to the other search). Before the
+first new trial, :func:`taken_curves` reads their per-epoch values, which start ASHA's rungs (search/tune/searcher.py
+``make_scheduler``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drcapsnet.errors import TrackingError, UsageError
 from search import state, tracking
 from search.errors import BusyError
 from search.experiment import Experiment, experiment_to_dict
-from search.storage import MLFLOW_RUN_ATTR, WARM_START_ATTR
+from search.storage import MLFLOW_RUN_ATTR, WARM_START_ATTR, curve_attr, trial_curve
 from search.warm_start import changed_settings, space
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 STUDY_TAG = "drcaps.study_name"              # on a search's parent run: its Optuna study
 STORAGE_TAG = "drcaps.optuna_storage"        # on a search's parent run: its storage URL, any password as ***
@@ -137,3 +143,42 @@ def taken_trials(storage_url: str, study_name: str) -> list[TakenTrial]:
         return []
     return [TakenTrial(t.number, str(t.user_attrs[WARM_START_ATTR]), t.values[0] if t.values else None,
                        t.user_attrs.get(MLFLOW_RUN_ATTR)) for t in trials if WARM_START_ATTR in t.user_attrs]
+
+
+def taken_curves(storage_url: str, study_name: str,
+                 metrics: Sequence[str]) -> list[dict[int, tuple[float, ...]] | None]:
+    """Each trial of a study that a warm start copied, by number: its :func:`rung_curve` over ``metrics`` (the
+    search's objectives), None where it has none. No study yet (nothing was copied into it): none."""
+    import optuna
+
+    from search.storage import tuned_optuna_storage
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=tuned_optuna_storage(storage_url))
+    except KeyError:
+        return []
+    return [rung_curve(t, metrics) for t in study.get_trials(deepcopy=False) if WARM_START_ATTR in t.user_attrs]
+
+
+def rung_curve(trial: FrozenTrial, metrics: Sequence[str]) -> dict[int, tuple[float, ...]] | None:
+    """``{epoch: one value per metric}`` of a trial, at the epochs where every metric is known (the values a rung
+    would have seen); None where an objective has no value at all: that trial is left out of ASHA's prior.
+
+    Where the values are: the first metric (the search's ``metric``, the same in both searches) in drcaps' per-epoch
+    user attr ``intermediate.<metric>`` (several objectives) or Optuna's intermediate values (one); any other
+    objective in its ``intermediate.<metric>`` (a trial reports its costs with every epoch, search/tune/
+    objectives_run.py), and failing that, for a cost reported once (``params``, ``flops``, ``latency_ms``: one per
+    trial), the value the trial was told with (COMPLETE only; a PRUNED trial has none)."""
+    from search.tune.objectives_run import MODEL_COSTS
+
+    sources: list[dict[int, float] | float] = []      # per metric: {epoch: value}, or one value for every epoch
+    for i, metric in enumerate(metrics):
+        if i == 0 or curve_attr(metric) in trial.user_attrs:
+            sources.append(trial_curve(trial, metric))
+        elif metric in MODEL_COSTS and trial.values is not None and len(trial.values) == len(metrics):
+            sources.append(float(trial.values[i]))
+        else:
+            return None
+    per_epoch = [set(c) for c in sources if isinstance(c, dict)]
+    epochs = sorted(set.intersection(*per_epoch))
+    return {e: tuple(float(c[e]) if isinstance(c, dict) else c for c in sources) for e in epochs} or None

@@ -53,6 +53,14 @@ class Selection:
             f"; not taken: {why}" if why else "")
 
 
+def rungs_line(scheduler: str, informed: int, taken: int, per_rung: Mapping[float, int]) -> str:
+    """``warm start: ASHA's rungs start with 5 of the 6 taken trials (5 at epoch 1, 3 at epoch 2)``: how many taken
+    trials the scheduler judges new trials against from their first rung (search/tune/moasha.py ``rung_prior``)."""
+    where = ", ".join(f"{n} at epoch {m:g}" for m, n in per_rung.items() if n)
+    return f"warm start: {scheduler}'s rungs start with {informed} of the {taken} taken trials" + (
+        f" ({where})" if where else "")
+
+
 def settings(raw: Mapping[str, Any]) -> dict[str, Any]:
     """An experiment (``experiment_to_dict``'s mapping) as ``{dotted field: value}``: every run field and the
     search's metric and mode."""

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from search import preflight, state, tracking
+from search import earlier, preflight, state, tracking
 from search.experiment import Experiment, experiment_to_dict
 from search.plan import SearchPlan
 from search.state import STATE_FILE
@@ -212,14 +212,16 @@ def _tuner(search: OpenSearch, verbose: int, datasets: Datasets | None) -> Any:
                                     {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
     if search.plan.resume:
         return tune.Tuner.restore(str(search.folder), trainable, resume_unfinished=True, resume_errored=True)
+    searcher = extend.searcher(search)            # first: a warm start's taken trials, in the study, start the rungs
+    taken = (earlier.taken_curves(search.storage_url, search.study_name, [m for m, _ in s.objective_pairs])
+             if search.plan.warm_start is not None else [])
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             metric=s.metric, mode=s.mode, num_samples=search.plan.extend or s.num_samples,
             time_budget_s=s.time_budget_s, reuse_actors=True, trial_dirname_creator=trial_dirname,
-            search_alg=ConcurrencyLimiter(extend.searcher(search),
-                                          max_concurrent=s.max_concurrent),
-            scheduler=make_scheduler(exp, exp.run.train.epochs)),
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+            scheduler=make_scheduler(exp, exp.run.train.epochs, taken)),
         run_config=tune.RunConfig(
             # Ray's own tables only under -v (verbose 2): the live view (search/progress.py) is the default.
             name=search.folder.name, storage_path=str(search.plan.folder), verbose=0 if verbose < 2 else 2,

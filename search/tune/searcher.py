@@ -5,31 +5,53 @@ carries (its Optuna number, its failure key, its folder, its MLflow run name).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from search.experiment import Experiment
 from search.progress import format_params
 from search.space import make_sampler, to_distributions
+from search.warm_start import rungs_line
 
 
-def make_scheduler(exp: Experiment, max_t: int) -> Any:
-    """The Tune scheduler of ``search.scheduler`` over ``max_t`` epochs (ASHA, median stopping, or none)."""
+def make_scheduler(exp: Experiment, max_t: int, taken: Sequence[Mapping[int, Sequence[float]] | None] = ()) -> Any:
+    """The Tune scheduler of ``search.scheduler`` over ``max_t`` epochs (ASHA, median stopping, or none).
+
+    ``taken``: a warm start's taken trials, each ``{epoch: one value per objective}`` or None (search/earlier.py
+    ``taken_curves``). With ASHA, the values they recorded at its rungs start the rungs (MO-ASHA's ``prior``, one
+    objective included: Ray's ASHA starts its rungs empty and has no public way to fill them), and one line says how
+    many did. A search without them keeps Ray's ``AsyncHyperBandScheduler`` (one objective)."""
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 
-    sched = exp.search.scheduler
-    if sched.name == "asha" and exp.search.multi_objective:    # ASHA ranks one scalar: MO-ASHA (search/tune/moasha.py)
+    sched, grace = exp.search.scheduler, min(exp.search.scheduler.grace_period, max_t)
+    prior = _asha_prior(exp, max_t, taken) if sched.name == "asha" and taken else None
+    if sched.name == "asha" and (exp.search.multi_objective or prior):   # several objectives, or a warm start
         from search.tune.moasha import MOASHAScheduler
 
-        return MOASHAScheduler(exp.search.objective_pairs, grace_period=min(sched.grace_period, max_t),
-                               reduction_factor=sched.reduction_factor, max_t=max_t)
+        return MOASHAScheduler(exp.search.objective_pairs, grace_period=grace,
+                               reduction_factor=sched.reduction_factor, max_t=max_t, prior=prior)
     if sched.name == "asha":
-        return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=max_t,
-                                       grace_period=min(sched.grace_period, max_t),
+        return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
                                        reduction_factor=sched.reduction_factor)
     if sched.name == "median":
         return MedianStoppingRule(time_attr="training_iteration", grace_period=sched.grace_period,
                                   min_samples_required=3)
     return FIFOScheduler()
+
+
+def _asha_prior(exp: Experiment, max_t: int, taken: Sequence[Mapping[int, Sequence[float]] | None]) -> dict | None:
+    """The taken trials' values at the rungs (search/tune/moasha.py ``rung_prior``), None when none reached one;
+    prints how many start the rungs."""
+    from search.tune.moasha import rung_milestones, rung_prior
+
+    sched = exp.search.scheduler
+    milestones = rung_milestones(min(sched.grace_period, max_t), sched.reduction_factor, max_t)
+    curves = [c for c in taken if c]
+    prior = rung_prior(curves, milestones)
+    informed = sum(max(c) >= milestones[0] for c in curves)
+    name = "MO-ASHA" if exp.search.multi_objective else "ASHA"
+    print(rungs_line(name, informed, len(taken), {m: len(v) for m, v in prior.items()}), flush=True)
+    return prior if informed else None
 
 
 TRIAL_NUMBER = "drcaps_trial"   # config key carrying the Optuna trial number to the trial (not a searched field)

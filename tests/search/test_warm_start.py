@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ray.tune.experiment import Trial
 
 from drcapsnet.errors import ConfigError
 from search.cli import main
@@ -156,3 +157,109 @@ def test_the_summary_marks_taken_trials_and_says_they_are_not_crowned() -> None:
     assert lines[3] == "  trial 1 <- old-study#1  val_acc 0.5000  no MLflow run recorded"
     assert lines[-1] == "  ... and 2 more (the report lists every one)"
     assert taken_lines(SimpleNamespace(taken=())) == []
+
+
+# ------------------------------------------------------------------------------------ ASHA's rungs start informed
+
+def _asha(tmp: Path, **search: Any) -> Any:
+    raw = _experiment(tmp, scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}, **search)
+    raw["train"]["epochs"] = 4
+    return experiment_from_dict(raw)
+
+
+def test_without_taken_trials_asha_stays_rays(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    from search.tune.searcher import make_scheduler
+
+    assert type(make_scheduler(_asha(tmp_path), 4)) is AsyncHyperBandScheduler
+    # Taken trials that never reached the first rung inform nothing: Ray's ASHA, and the line says 0.
+    assert type(make_scheduler(_asha(tmp_path), 4, [None])) is AsyncHyperBandScheduler
+    assert capsys.readouterr().out == "warm start: ASHA's rungs start with 0 of the 1 taken trials\n"
+
+
+def test_taken_trials_start_the_rungs_and_the_line_says_how_many(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from search.tune.moasha import STOP, MOASHAScheduler
+    from search.tune.searcher import make_scheduler
+
+    taken = [{1: (0.8,), 2: (0.85,), 3: (0.86,), 4: (0.9,)}, {1: (0.7,)}, None, {1: (0.75,), 2: (0.8,)}]
+    s = make_scheduler(_asha(tmp_path), 4, taken)
+    assert isinstance(s, MOASHAScheduler) and s.objectives == (("val_acc", "max"),)
+    assert s.prior_sizes == {1: 3, 2: 2, 4: 1} and list(s.rungs[2].values()) == [(0.85,), (0.8,)]
+    assert capsys.readouterr().out == ("warm start: ASHA's rungs start with 3 of the 4 taken trials (3 at epoch 1, "
+                                       "2 at epoch 2, 1 at epoch 4)\n")
+    assert s.on_trial_result(None, Trial("fn", trial_id="new", stub=True),
+                             {"training_iteration": 1, "val_acc": 0.6}) == STOP
+    s_min = make_scheduler(_asha(tmp_path, metric="val_loss", mode="min"), 4, [{1: (0.3,)}])
+    assert s_min.objectives == (("val_loss", "min"),)
+
+
+def test_rung_curve_reads_what_the_taken_trials_recorded() -> None:
+    import optuna
+
+    from search.earlier import rung_curve
+    from search.storage import curve_attr
+
+    dist = {"train.lr": optuna.distributions.FloatDistribution(1e-3, 1e-1)}
+    one = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"train.lr": 0.01},
+                                    distributions=dist, intermediate_values={1: 0.5, 2: 0.6})
+    assert rung_curve(one, ["val_acc"]) == {1: (0.5,), 2: (0.6,)}
+    curves = {curve_attr("val_acc"): [[1, 0.5], [2, 0.6], [3, 0.7]], curve_attr("latency_ms"): [[1, 2.0], [2, 2.1]]}
+    both = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"train.lr": 0.01},
+                                     distributions=dist, user_attrs=curves)
+    assert rung_curve(both, ["val_acc", "latency_ms"]) == {1: (0.5, 2.0), 2: (0.6, 2.1)}   # both known
+    # A cost without a per-epoch record: the value the trial was told with, at every epoch (COMPLETE only).
+    acc_only = {curve_attr("val_acc"): curves[curve_attr("val_acc")]}
+    complete = optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, values=[0.7, 3.0],
+                                         params={"train.lr": 0.01}, distributions=dist, user_attrs=acc_only)
+    assert rung_curve(complete, ["val_acc", "latency_ms"]) == {1: (0.5, 3.0), 2: (0.6, 3.0), 3: (0.7, 3.0)}
+    pruned = optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"train.lr": 0.01},
+                                       distributions=dist, user_attrs=acc_only)
+    assert rung_curve(pruned, ["val_acc", "latency_ms"]) is None                 # left out of the prior
+    assert rung_curve(complete, ["val_acc", "val_loss"]) is None                 # an epoch metric: no stand-in
+
+
+def _small(tmp: Path, name: str, lrs: list[float], **search: Any) -> dict[str, Any]:
+    """Real trials of 2 epochs on 200 digits, one at a time, the ``lrs`` enqueued (Adam: 2-5e-3 reaches 0.4-0.7
+    val_acc at epoch 1, 1e-5 about 0.1)."""
+    return {"name": name, "model": {"preset": "tiny"},
+            "data": {"dataset": "digits", "batch_size": 32, "limit_train": 200, "shift_pixels": 0},
+            "train": {"epochs": 2, "device": "cpu", "optimizer": "adam"},
+            "search": {"num_samples": len(lrs), "max_concurrent": 1, "seed": 3, "resources": {"cpu": 1},
+                       "space": {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}},
+                       "enqueue": [{"train.lr": lr} for lr in lrs], **search},
+            "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
+
+
+@pytest.mark.slow
+def test_a_warm_started_asha_search_judges_its_first_trials_against_the_taken_ones(tmp_path: Path) -> None:
+    import optuna
+
+    from search import tracking
+    from search.storage import WARM_START_ATTR
+    from search.tune.moasha import STOP, rung_decision
+    from tests.search.test_extend import drcaps
+
+    first = drcaps(tmp_path, _small(tmp_path, "first", [0.002, 0.003, 0.005], scheduler={"name": "none"}))
+    assert first.returncode == 0, first.stderr
+    asha = {"name": "asha", "grace_period": 1, "reduction_factor": 2}
+    warm = drcaps(tmp_path, _small(tmp_path, "warm", [1e-5, 0.004], scheduler=asha, warm_start={"experiment": "first"}))
+    assert warm.returncode == 0, warm.stderr
+    assert "warm start from first (" in warm.stdout
+    assert "warm start: ASHA's rungs start with 3 of the 3 taken trials (3 at epoch 1, 3 at epoch 2)" in warm.stdout
+    parent = tracking.latest_search_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "warm")
+    assert parent is not None
+    study = optuna.load_study(study_name=parent.tags["drcaps.study_name"], storage=f"sqlite:///{tmp_path}/optuna.db")
+    taken_at_1 = [t.intermediate_values[1] for t in study.trials if WARM_START_ATTR in t.user_attrs]
+    own = {t.params["train.lr"]: t for t in study.trials if WARM_START_ATTR not in t.user_attrs}
+    bad, good = own[1e-5], own[0.004]                 # run in this order (max_concurrent 1)
+    # The first new trial is below every taken trial at rung 1: with the taken trials there (keep 2 of 4) it stops
+    # after epoch 1; Ray's ASHA, its rungs empty, would have let the first trial of the search run on.
+    assert len(taken_at_1) == 3 and bad.intermediate_values[1] < min(taken_at_1), (taken_at_1, bad)
+    assert bad.state == optuna.trial.TrialState.PRUNED and list(bad.intermediate_values) == [1]
+    # The second is judged against the three and the first (top 3 of 5 go on), whichever way its value falls.
+    decision = rung_decision([(v,) for v in [*taken_at_1, bad.intermediate_values[1]]],
+                             (good.intermediate_values[1],), ["max"], 2)
+    assert (good.state.name, list(good.intermediate_values)) == (
+        ("PRUNED", [1]) if decision == STOP else ("COMPLETE", [1, 2])), (taken_at_1, bad, good)
