@@ -98,7 +98,8 @@ def publish(plan: SearchPlan, records: SearchRecords) -> SearchResult:
     rounds = round_of(Path(records.folder).name)          # --extend: the outcome again, one step on
     tracking.log_metrics(records.tracking_uri, records.parent_run_id,
                          {k: v for k, v in metrics.items() if math.isfinite(float(v))}, step=rounds)
-    raw = scored(records.trials)[0]
+    # The search's own pick before confirmation: its best trial, or with several objectives the front's pick.
+    raw = (front.pick or front.members[0]) if front is not None and front.members else scored(records.trials)[0]
     tracking.end_run(records.tracking_uri, records.parent_run_id, "FINISHED", {
         **{f"drcaps.best.{k}": str(v) for k, v in best.params.items()},
         "drcaps.best_trial_id": best.trial_id, "drcaps.best_run_id": best.run_id or "",

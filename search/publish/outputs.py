@@ -138,9 +138,7 @@ def confirmation_lines(result: SearchResult) -> list[str]:
     if not result.confirmed or result.raw_best is None:
         return []
     raw, best, metric = result.raw_best, result.best, result.experiment.search.metric
-    front = getattr(result, "front", None)               # several objectives: the front's pick before confirmation
-    if front is not None and front.members:
-        raw = front.pick or front.members[0]
+    front = result.front                                  # several objectives: raw_best is the front's own pick
 
     def stat(number: int) -> str:
         s = result.confirmed[number]

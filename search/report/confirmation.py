@@ -47,7 +47,11 @@ def confirmation_section(data: SearchData, uri: str) -> Section | None:
         fig.add_scatter(x=[label] * len(values[n]), y=values[n], mode="markers", marker={"color": "black"},
                         name=f"runs of trial {n}", showlegend=False)
     fig.update_layout(barmode="group", yaxis_title=s.metric)
-    caption = (f"The top {len(numbers)} configs by the search's ranking: their best {s.metric} in the search (the "
-               f"luckiest of many trials is biased upward) beside the mean of their confirmation runs with new seeds "
-               f"(bars: one standard deviation; dots: each run). The crowned config has the best confirmed mean.")
+    which = (f"The first {len(numbers)} members of the Pareto front by search.pick" if s.multi_objective
+             else f"The top {len(numbers)} configs by the search's ranking")
+    rule = ("The pick rule, applied to the confirmed means (costs as measured), crowned one." if s.multi_objective
+            else "The crowned config has the best confirmed mean.")
+    caption = (f"{which}: their best {s.metric} in the search (the luckiest of many trials is biased upward) beside "
+               f"the mean of their confirmation runs with new seeds (bars: one standard deviation; dots: each run). "
+               f"{rule}")
     return Section(KEY, "Confirmation of the top configs", caption, fig)

@@ -111,8 +111,8 @@ def test_pareto_yaml_and_summary_carry_the_confirmation(tmp_path):
     exp, front = records.experiment, front_of(records)
     result = SearchResult(exp, best, records.trials, trial_run(exp, best.params, 1, 0), "sqlite:///x.db", "parent",
                           best.run_id, "models:/m@best", "study", "sqlite:///o.db", str(tmp_path),
-                          raw_best=records.trials[0], confirmations=records.confirmations, confirmed=stats,
-                          front=front)
+                          raw_best=front.pick, confirmations=records.confirmations, confirmed=stats,
+                          front=front)                        # raw_best: the front's pick, as publish() sets it
     data = yaml.safe_load(write_front_yaml(result, tmp_path / "mo.best.yaml").read_text())
     by_trial = {m["trial"]: m for m in data["front"]}
     assert data["picked_trial"] == NUMBER["a"] and by_trial[NUMBER["a"]]["picked"]
