@@ -180,6 +180,10 @@ def _register_member(records: SearchRecords, member: TrialSummary, alias: str) -
 
     if member.run_id is None:
         return None
+    name = records.experiment.registered_model
+    if (version := tracking.run_version(records.tracking_uri, name, member.run_id)) is not None:
+        tracking.set_model_alias(records.tracking_uri, name, alias, version)   # --extend: its version, not a new one
+        return f"models:/{name}@{alias}"
     with tempfile.TemporaryDirectory(prefix="drcaps-front-") as d:
         path = tracking.download_artifacts(records.tracking_uri, member.run_id, f"checkpoint/{BEST}", Path(d))
         capsnet, _, _ = load_model(path)

@@ -7,7 +7,8 @@ the module that owns it:
 - ``client``   one ``MlflowClient`` per URI, ``with_retry`` on "database is locked", ``ensure_experiment``
 - ``runs``     the run lifecycle: parent and trial runs, ``TrialLogger``, ``end_run``, metrics and artifacts written
 - ``queries``  reading back: ``RunRecord``, ``child_runs``, ``latest_search_run``, ``best_trial_run``, artifacts
-- ``registry`` ``log_and_register_model``, ``load_model``, ``model_version``, ``set_model_alias``, ``model_aliases``
+- ``registry`` ``log_and_register_model``, ``load_model``, ``model_version``, ``set_model_alias``, ``model_aliases``,
+  ``run_version``
 
 Layout: one parent run per search (tag ``drcaps.role=search``), one child run per Ray trial (``drcaps.role=trial``,
 ``drcaps.trial_id``, ``mlflow.parentRunId``). Checked against mlflow 3.17.2; MLflow is imported inside functions,
@@ -32,7 +33,14 @@ from search.tracking.queries import (
     search_runs,
     trials_dataframe,
 )
-from search.tracking.registry import load_model, log_and_register_model, model_aliases, model_version, set_model_alias
+from search.tracking.registry import (
+    load_model,
+    log_and_register_model,
+    model_aliases,
+    model_version,
+    run_version,
+    set_model_alias,
+)
 from search.tracking.runs import (
     MAX_PARAM_VALUE,
     MAX_TAG_VALUE,
@@ -65,7 +73,7 @@ __all__ = [
     "child_runs", "download_artifacts", "end_run", "ensure_experiment", "find_or_create_trial_run", "get_run",
     "has_artifact",
     "latest_search_run", "load_model", "log_and_register_model", "log_metrics", "log_run_artifact", "metric_history",
-    "model_aliases", "model_version", "read_text_artifact", "set_model_alias",
+    "model_aliases", "model_version", "read_text_artifact", "run_version", "set_model_alias",
     "reopen_run", "resolve_tracking_uri", "run_age_s", "run_url",
     "search_runs", "sqlite_file_problem", "start_search_run", "trials_dataframe", "with_retry",
 ]

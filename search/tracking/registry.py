@@ -144,3 +144,15 @@ def model_aliases(uri: str, name: str) -> dict[str, str]:
         return {a: str(v) for a, v in mlflow_client(uri).get_registered_model(name).aliases.items()}
     except MlflowException:
         return {}
+
+
+def run_version(uri: str, name: str, run_id: str) -> str | None:
+    """The newest version of registered model ``name`` made from run ``run_id``; None when it has none (or there is
+    no such model): a search published again (``--extend``) points its aliases at it instead of adding a version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow_client(uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in found)) if found else None

@@ -107,6 +107,27 @@ def test_mlflow_holds_the_ranks_aliases_and_hypervolume(searched):
 
 
 @pytest.mark.slow
+def test_publishing_the_front_again_adds_no_model_version(searched):
+    """What ``--extend`` does at its end: the front recorded again points its aliases at the versions it has."""
+    from mlflow import MlflowClient
+
+    from search.publish.front import record_front
+    from search.tune import SearchRecords
+
+    result, _, _ = searched
+    uri, name = result.tracking_uri, result.experiment.registered_model
+    before = sorted(int(v.version) for v in MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{name}'"))
+    records = SearchRecords(result.experiment, result.trials, uri, result.parent_run_id, result.study_name,
+                            result.storage_url, result.experiment_path)
+    problems: list[str] = []
+    again = record_front(records, result.best, result.model_uri, problems)
+    after = sorted(int(v.version) for v in MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{name}'"))
+    assert not problems and after == before, (problems, before, after)
+    for n, member in enumerate(again.members, start=1):
+        assert tracking.model_version(uri, name, f"pareto-{n}")["run_id"] == member.run_id
+
+
+@pytest.mark.slow
 def test_optuna_holds_vector_values_and_per_epoch_curves(searched):
     result, tmp, _ = searched
     study = optuna.load_study(study_name=result.study_name, storage=f"sqlite:///{tmp / 'optuna.db'}")

@@ -234,6 +234,9 @@ def test_registered_model_loads_back_and_predicts_the_same(uri: str) -> None:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert second == model_uri and str(client.get_model_version_by_alias("tiny-caps", "best").version) == "2"
     assert tracking.model_version(uri, "tiny-caps", "best")["version"] == "2"
+    assert tracking.run_version(uri, "tiny-caps", run_id) == "2"                 # the newest of the run's versions
+    assert tracking.run_version(uri, "tiny-caps", parent) is None                # no version from that run
+    assert tracking.run_version(uri, "no-such-model", run_id) is None
     assert isinstance(tracking.load_model(uri, "models:/tiny-caps/1"), TinyCaps)
     model_dir = Path(client.get_model_version_download_uri("tiny-caps", "2").removeprefix("file://"))
     assert (model_dir / "data" / "model.pth").is_file()                # pickle format, no model.pt2
