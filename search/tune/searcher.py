@@ -39,7 +39,8 @@ def make_scheduler(exp: Experiment, max_t: int, taken: Sequence[Mapping[int, Seq
     return FIFOScheduler()
 
 
-def _asha_prior(exp: Experiment, max_t: int, taken: Sequence[Mapping[int, Sequence[float]] | None]) -> dict | None:
+def _asha_prior(exp: Experiment, max_t: int,
+                taken: Sequence[Mapping[int, Sequence[float]] | None]) -> dict[float, list[tuple[float, ...]]] | None:
     """The taken trials' values at the rungs (search/tune/moasha.py ``rung_prior``), None when none reached one;
     prints how many start the rungs."""
     from search.tune.moasha import rung_milestones, rung_prior

@@ -193,6 +193,11 @@ def test_taken_trials_start_the_rungs_and_the_line_says_how_many(
                              {"training_iteration": 1, "val_acc": 0.6}) == STOP
     s_min = make_scheduler(_asha(tmp_path, metric="val_loss", mode="min"), 4, [{1: (0.3,)}])
     assert s_min.objectives == (("val_loss", "min"),)
+    pareto = _asha(tmp_path, objectives=[{"metric": "val_acc", "mode": "max"}, {"metric": "params", "mode": "min"}])
+    s_two = make_scheduler(pareto, 4, [{1: (0.8, 1e5), 2: (0.9, 1e5)}, None])
+    assert s_two.objectives == (("val_acc", "max"), ("params", "min")) and s_two.rungs[2] == {"prior/2/0": (0.9, 1e5)}
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "warm start: MO-ASHA's rungs start with 1 of the 2 taken trials (1 at epoch 1, 1 at epoch 2)")
 
 
 def test_rung_curve_reads_what_the_taken_trials_recorded() -> None:
@@ -235,6 +240,7 @@ def _small(tmp: Path, name: str, lrs: list[float], **search: Any) -> dict[str, A
 @pytest.mark.slow
 def test_a_warm_started_asha_search_judges_its_first_trials_against_the_taken_ones(tmp_path: Path) -> None:
     import optuna
+    import ray.cloudpickle
 
     from search import tracking
     from search.storage import WARM_START_ATTR
@@ -258,6 +264,11 @@ def test_a_warm_started_asha_search_judges_its_first_trials_against_the_taken_on
     # after epoch 1; Ray's ASHA, its rungs empty, would have let the first trial of the search run on.
     assert len(taken_at_1) == 3 and bad.intermediate_values[1] < min(taken_at_1), (taken_at_1, bad)
     assert bad.state == optuna.trial.TrialState.PRUNED and list(bad.intermediate_values) == [1]
+    # What --resume restores (Tune's tuner.pkl, written as the search starts) holds the taken trials at the rungs.
+    saved = ray.cloudpickle.loads((tmp_path / "ray" / "warm" / study.study_name / "tuner.pkl").read_bytes())
+    scheduler = saved["_tune_config"].scheduler
+    assert scheduler.prior_sizes == {1: 3, 2: 3} and sorted(v for (v,) in scheduler.rungs[1].values()) == sorted(
+        taken_at_1)
     # The second is judged against the three and the first (top 3 of 5 go on), whichever way its value falls.
     decision = rung_decision([(v,) for v in [*taken_at_1, bad.intermediate_values[1]]],
                              (good.intermediate_values[1],), ["max"], 2)
