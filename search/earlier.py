@@ -169,7 +169,7 @@ def rung_curve(trial: FrozenTrial, metrics: Sequence[str]) -> dict[int, tuple[fl
     objective in its ``intermediate.<metric>`` (a trial reports its costs with every epoch, search/tune/
     objectives_run.py), and failing that, for a cost reported once (``params``, ``flops``, ``latency_ms``: one per
     trial), the value the trial was told with (COMPLETE only; a PRUNED trial has none)."""
-    from search.tune.objectives_run import MODEL_COSTS
+    from search.experiment.objectives import MODEL_COSTS
 
     sources: list[dict[int, float] | float] = []      # per metric: {epoch: value}, or one value for every epoch
     for i, metric in enumerate(metrics):

@@ -24,6 +24,7 @@ from drcapsnet.errors import Problem, need
 
 EPOCH_METRICS: tuple[str, ...] = ("val_acc", "val_loss", "train_acc", "train_loss")
 COST_METRICS: tuple[str, ...] = ("params", "flops", "latency_ms", "train_s_per_epoch")
+MODEL_COSTS: tuple[str, ...] = ("params", "flops", "latency_ms")   # what the model is, measured once per trial
 OBJECTIVE_METRICS: tuple[str, ...] = EPOCH_METRICS + COST_METRICS
 MULTI_OBJECTIVE_SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "gp", "random")
 _OBJECTIVE_KEYS: tuple[str, ...] = ("metric", "mode")

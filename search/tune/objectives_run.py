@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from search import pareto
+from search.experiment.objectives import MODEL_COSTS
 
 if TYPE_CHECKING:
     from search.experiment.schema import SearchConfig
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 LATENCY_BATCH = 32     # images per timed pass: a serving batch; per-image latency = median pass / 32
 LATENCY_REPEATS = 20   # timed passes (the median of them is taken)
 LATENCY_WARMUP = 5     # untimed passes first (allocator, caches, cuDNN's algorithm choice)
-MODEL_COSTS = ("params", "flops", "latency_ms")
 COST_ATTR = "cost.{}"  # the Optuna trial user attr holding a constrained metric that is not an objective
 
 
