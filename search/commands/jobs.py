@@ -197,8 +197,11 @@ def follow_command(job_id: str, *, address: str | None = None) -> int:
     status = str(info.status)
     if status == "STOPPED" and (again := (info.metadata or {}).get(RESUME_KEY)):
         print(f"job {job_id} STOPPED; continue its search with\n  {again}", file=sys.stderr)
-    elif status != "SUCCEEDED":
-        print(f"job {job_id} {status}: {info.message or ''}".rstrip(": "), file=sys.stderr)
+    elif status != "SUCCEEDED":         # Ray's message would repeat the log's tail, shown above already
+        code = getattr(info, "driver_exit_code", None)
+        why = f"drcaps search exited with code {code} (the log above says why)" if code is not None else \
+            (info.message or "").partition("\n")[0]
+        print(f"job {job_id} {status}: {why}", file=sys.stderr)
     return EXIT_CODES.get(status, 1)
 
 

@@ -250,8 +250,15 @@ def test_a_search_submitted_followed_to_its_end_and_bad_ids_and_tokens_refused(h
     unknown = _drcaps(tmp_path, head.token, "follow", "drcaps-nothing-000000", "--address", head.api)
     assert unknown.returncode == 2 and len(unknown.stderr.splitlines()) == 1, unknown.stderr
     assert unknown.stderr.startswith("error: JOB_ID: no job 'drcaps-nothing-000000'"), unknown.stderr
-    for done in (refused, sub, follow, unknown):
+    # A search the head refuses (its storage folder cannot be written there): the job FAILED, follow's exit code 1.
+    bad = _drcaps(tmp_path, head.token, "search", "exp.yaml", "--submit", head.api, "--storage-path", "/proc/x")
+    assert bad.returncode == 0, bad.stderr
+    failed = _drcaps(tmp_path, head.token, "follow", bad.stdout.split(":", 1)[0].removeprefix("submitted "),
+                     "--address", head.api)
+    assert failed.returncode == 1 and "error: --storage-path:" in failed.stdout, failed.stdout[-2000:]
+    assert failed.stderr.strip().endswith("FAILED: drcaps search exited with code 2 (the log above says why)")
+    for done in (refused, sub, follow, unknown, bad, failed):
         assert head.token not in done.stdout + done.stderr
     listed = subprocess.run([str(BIN / "ray"), "job", "list", "--address", head.api], capture_output=True, text=True,
                             env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token}, timeout=120)
-    assert listed.stdout.count("submission_id='drcaps-") == 1, listed.stdout[-2000:]   # the refused one: none
+    assert listed.stdout.count("submission_id='drcaps-") == 2, listed.stdout[-2000:]   # the refused one: none
