@@ -431,49 +431,59 @@ def test_every_published_port_refuses_a_client_without_credentials(stack):
 
 
 def test_a_search_as_a_ray_job_followed_stopped_and_resumed(stack):
-    """As docs/cluster.md: `ray job submit` from this machine, `ray job logs -f` shows the trial lines as they
-    end, `ray job stop` stops it as Ctrl-C does (parent run KILLED), and a second job with --resume finishes it."""
+    """As docs/cluster.md: `drcaps search --submit` from this machine (the file travels with the job), `drcaps
+    follow` shows the trial lines as they end, `ray job stop` stops it as Ctrl-C does (parent run KILLED, follow
+    exits 130), and `drcaps search --submit --resume` finishes it, followed to SUCCEEDED (exit 0)."""
     name, epochs = "compose-job", 3
     exp = _experiment(name, num_samples=3)
     exp["train"]["epochs"] = epochs
     exp["data"]["limit_train"] = 1000                       # a few seconds per epoch: time to stop mid-search
-    assert stack.head("sh", "-c", f"cat > /work/{name}.yaml", input=yaml.safe_dump(exp)).returncode == 0
-    search = ["drcaps", "search", f"{name}.yaml", "--address", "auto"]
-    address = ["--address", stack.dashboard]
-    sub = stack.ray("job", "submit", *address, "--submission-id", f"{name}-1", "--no-wait", "--", *search)
-    assert sub.returncode == 0 and f"{name}-1" in sub.stdout + sub.stderr, sub.stdout[-2000:] + sub.stderr[-2000:]
-    follow = subprocess.Popen([str(RAY), "job", "logs", "-f", *address, f"{name}-1"], cwd=stack.workdir,
-                              env=stack.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    followed, deadline = [], time.monotonic() + 500
+    (stack.workdir / f"{name}.yaml").write_text(yaml.safe_dump(exp))
+
+    def submit(*flags: str) -> tuple[str, str]:
+        sub = _run([str(DRCAPS), "search", f"{name}.yaml", "--submit", stack.dashboard, *flags], timeout=300,
+                   cwd=stack.workdir, env=stack.client_env())
+        assert sub.returncode == 0, sub.stdout[-2000:] + sub.stderr[-2000:]
+        job = sub.stdout.split(":", 1)[0].removeprefix("submitted ")
+        assert job.startswith(f"drcaps-{name}-") and f"ray job stop --address {stack.dashboard} {job}" in sub.stdout
+        return job, sub.stdout + sub.stderr
+
+    def follow(job: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([str(DRCAPS), "follow", job, "--address", stack.dashboard], cwd=stack.workdir,
+                                env=stack.client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first, submitted = submit()
+    following, followed, deadline = follow(first), [submitted], time.monotonic() + 500
     try:
-        assert follow.stdout is not None
-        for line in follow.stdout:                           # live: the first trial's line, while others run
+        assert following.stdout is not None
+        for line in following.stdout:                        # live: the first trial's line, while others run
             followed.append(line)
             if line.startswith("[1/3] trial ") or time.monotonic() > deadline:
                 break
         assert any(x.startswith("[1/3] trial ") for x in followed), "".join(followed)[-3000:]
-        stop = stack.ray("job", "stop", *address, f"{name}-1", timeout=300)
+        stop = stack.ray("job", "stop", "--address", stack.dashboard, first, timeout=300)
         assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
-        rest, _ = follow.communicate(timeout=180)
+        rest, _ = following.communicate(timeout=180)
     finally:
-        follow.kill()
+        following.kill()
     followed.append(rest)
     log = "".join(followed)
-    assert stack.job_status(f"{name}-1") == "STOPPED"
+    assert stack.job_status(first) == "STOPPED" and following.returncode == 130, log[-3000:]
     assert "interrupted" in log and "Traceback" not in log, log[-3000:]
+    assert f"drcaps search {name}.yaml --submit {stack.dashboard} --resume" in log, log[-3000:]   # how to go on
     parents = stack.runs(name, "tags.`drcaps.role` = 'search'")
     assert [p["info"]["status"] for p in parents] == ["KILLED"], log[-3000:]
     assert len([t for t in stack.study(tags(parents[0])["drcaps.study_name"]) if t["state"] == "COMPLETE"]) < 3
 
-    again = stack.ray("job", "submit", *address, "--submission-id", f"{name}-2", "--", *search, "--resume",
-                      timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert stack.job_status(f"{name}-2") == "SUCCEEDED"
-    assert "exported best config" in again.stdout, again.stdout[-3000:]
-    assert f"{stack.mlflow}/#/experiments/" in again.stdout and "mlflow:5000" not in again.stdout   # published links
+    second, submitted = submit("--resume")
+    following = follow(second)
+    out, _ = following.communicate(timeout=900)
+    assert following.returncode == 0 and stack.job_status(second) == "SUCCEEDED", out[-3000:]
+    assert "exported best config" in out, out[-3000:]
+    assert f"{stack.mlflow}/#/experiments/" in out and "mlflow:5000" not in out   # published links
     parent, children = _check_search(stack, name, n_trials=3, epochs=epochs)
     exported = stack.head("cat", f"/work/{name}.best.yaml")            # where the job wrote it (the head's /work)
     assert exported.returncode == 0, exported.stderr
     (stack.workdir / f"{name}.best.yaml").write_text(exported.stdout)
     _check_export(stack.workdir / f"{name}.best.yaml", parent, children)
-    _assert_no_secret(stack, name, {"job 1": log, "job 2": again.stdout + again.stderr})
+    _assert_no_secret(stack, name, {"job 1": log, "job 2": submitted + out})
