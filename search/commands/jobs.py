@@ -26,10 +26,13 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drcapsnet.errors import UsageError
 from search.errors import ClusterError
+
+if TYPE_CHECKING:
+    from search.experiment import Experiment
 
 DEFAULT_JOBS_API = "http://127.0.0.1:8265"   # the stack's published dashboard port (docker-compose.yml)
 EXPERIMENT_ENV = "DRCAPS_JOB_EXPERIMENT"     # the experiment file's text, in the job's environment
@@ -148,7 +151,7 @@ def submit_command(experiment: Path, overrides: list[str], *, submit: str | None
     return 0
 
 
-def _print_submitted(job_id: str, api: str, exp: Any, again: str, options: dict[str, Any]) -> None:
+def _print_submitted(job_id: str, api: str, exp: Experiment, again: str, options: dict[str, Any]) -> None:
     out = options.get("out") or f"{exp.name}.best.yaml"
     mlflow = options.get("tracking_uri") or exp.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") \
         or "http://127.0.0.1:5000"
