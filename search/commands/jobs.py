@@ -11,7 +11,8 @@ per upload and deletes when its cache fills: the export and the state of a later
 
 Ray's own client (``JobSubmissionClient``) sends the token, read as ``ray job`` reads it: under
 ``RAY_AUTH_MODE=token``, from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``. Every problem it
-meets before a job exists (no Jobs API there, no or a wrong token, an unknown job id) is one ClusterError line.
+meets before a job exists (no Jobs API there, no or a wrong token, an unknown job id) is one ClusterError line; the
+client and the token's wording are search/tune/ray_token.py's (Ray is touched in search/tune/ only).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import logging
 import os
 import secrets
 import shlex
-import socket
 import sys
 import time
 import urllib.parse
@@ -56,43 +56,6 @@ def jobs_address(given: str | None, flag: str) -> str:
     return given.rstrip("/")
 
 
-def _token_problem(address: str, ray_message: str) -> str:
-    """Why the Jobs API at ``address`` refused this process (Ray's AuthenticationError text), never the token."""
-    if ray_message.startswith("Authentication required") and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        return (f"the Ray cluster at {address} requires token authentication; export RAY_AUTH_MODE=token and "
-                "RAY_AUTH_TOKEN (the cluster's token: the stack's is in its .env)")
-    if ray_message.startswith(("Authentication failed", "Authentication required")):
-        return (f"the Ray cluster at {address} refused this process's token (RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH "
-                "or ~/.ray/auth_token); set RAY_AUTH_TOKEN to the cluster's token (the stack's is in its .env)")
-    first = ray_message.strip().splitlines()[0] if ray_message.strip() else "no token found"
-    return (f"RAY_AUTH_MODE=token but Ray has no token to send ({first}); set RAY_AUTH_TOKEN to the cluster's token "
-            "(the stack's is in its .env)")
-
-
-def connect(address: str, flag: str) -> Any:
-    """A ``JobSubmissionClient`` for the Jobs API at ``address``, its connection and token checked (Ray asks for the
-    server's version, which needs the token): a closed port, something that is not a Jobs API, or a refused token
-    is one ClusterError line naming ``flag``. A TCP check first: Ray's client waits on a silent host forever."""
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
-    parts = urllib.parse.urlsplit(address)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    start = (f"start the cluster (docker compose up -d, docs/cluster.md) or pass {flag} http://HOST:8265, the "
-             "address of its head's dashboard")
-    try:
-        socket.create_connection((parts.hostname or "", port), timeout=5.0).close()
-    except OSError as e:
-        raise ClusterError(f"{flag}: no Ray Jobs API answers at {address} ({e.strerror or e}); {start}") from None
-    try:
-        return JobSubmissionClient(address)
-    except AuthenticationError as e:
-        raise ClusterError(f"{flag}: {_token_problem(address, str(e))}") from None
-    except (ConnectionError, RuntimeError) as e:     # RuntimeError: a server without /api/version (not Ray's)
-        raise ClusterError(f"{flag}: no Ray Jobs API answers at {address} ({str(e).splitlines()[0]}); "
-                           f"{start}") from None
-
-
 def job_argv(experiment: Path, overrides: list[str], options: dict[str, Any]) -> list[str]:
     """``drcaps search <file> --address auto`` and the flags the user gave, as the head runs them: paths
     (``--storage-path``, ``--out``) and ``--tracking-uri`` are the head's, unchanged."""
@@ -125,6 +88,7 @@ def submit_command(experiment: Path, overrides: list[str], *, submit: str | None
     export will be."""
     from search.experiment import load_experiment
     from search.plan import smoke_experiment
+    from search.tune.ray_token import jobs_client
 
     if address is not None:
         raise UsageError("--submit: not with --address (the job runs the search on the cluster's head with "
@@ -133,7 +97,7 @@ def submit_command(experiment: Path, overrides: list[str], *, submit: str | None
     exp = load_experiment(experiment, overrides)            # a bad file: one line here, not a failed job
     if options.get("smoke_test"):
         exp = smoke_experiment(exp)
-    client = connect(api, "--submit")
+    client = jobs_client(api, "--submit")
     job_id = f"drcaps-{''.join(c if c.isalnum() or c in '-_.' else '-' for c in exp.name)}-{secrets.token_hex(3)}"
     again = (f"drcaps search {shlex.quote(str(experiment))} --submit {api} --resume"
              + "".join(f" --set {shlex.quote(o)}" for o in overrides)
@@ -175,8 +139,10 @@ def follow_command(job_id: str, *, address: str | None = None) -> int:
     """``drcaps follow JOB_ID``: the job's log from its start, as it comes, then its end as the exit code: 0
     SUCCEEDED, 130 STOPPED, 1 FAILED. Ctrl-C detaches (the job keeps running; exit code 130). An unknown job id,
     no Jobs API or a refused token: one ClusterError line."""
+    from search.tune.ray_token import jobs_client
+
     api = jobs_address(address, "--address")
-    client = connect(api, "--address")
+    client = jobs_client(api, "--address")
     try:
         client.get_job_info(job_id)
     except RuntimeError as e:

@@ -416,6 +416,19 @@ def test_every_published_port_refuses_a_client_without_credentials(stack):
         assert proc.returncode == 2, (env, proc.stdout[-2000:], proc.stderr[-3000:])
         assert proc.stderr.startswith("error: --address:") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
         assert "RAY_AUTH_TOKEN" in proc.stderr and stack.secrets["RAY_AUTH_TOKEN"] not in proc.stderr
+    # Ray Jobs through drcaps: a wrong token or none to --submit, an unknown job id to follow: one line, exit code 2.
+    for env in ({"RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
+        proc = _run([str(DRCAPS), "search", "compose-noauth.yaml", "--submit", stack.dashboard], timeout=300,
+                    cwd=stack.workdir, env=stack.client_env(**env))
+        assert proc.returncode == 2, (env, proc.stdout[-2000:], proc.stderr[-3000:])
+        assert proc.stderr.startswith("error: --submit:") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+        assert "RAY_AUTH_TOKEN" in proc.stderr and stack.secrets["RAY_AUTH_TOKEN"] not in proc.stderr
+    unknown = _run([str(DRCAPS), "follow", "drcaps-nothing-000000", "--address", stack.dashboard], timeout=300,
+                   cwd=stack.workdir, env=stack.client_env())
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr[-3000:]
+    assert unknown.stderr.startswith("error: JOB_ID: no job 'drcaps-nothing-000000'"), unknown.stderr
+    listed = stack.ray("job", "list", "--address", stack.dashboard)
+    assert listed.returncode == 0 and "drcaps-compose-noauth" not in listed.stdout, listed.stdout[-2000:]  # none
     # The MLflow login, checked by drcaps before any run: none, or a wrong password (inside the stack).
     exp = yaml.safe_dump(_experiment("compose-noauth"))
     assert stack.head("sh", "-c", "cat > /work/compose-noauth.yaml", input=exp).returncode == 0
@@ -487,3 +500,9 @@ def test_a_search_as_a_ray_job_followed_stopped_and_resumed(stack):
     (stack.workdir / f"{name}.best.yaml").write_text(exported.stdout)
     _check_export(stack.workdir / f"{name}.best.yaml", parent, children)
     _assert_no_secret(stack, name, {"job 1": log, "job 2": submitted + out})
+    # A search the head refuses (its storage folder cannot be written there): the job FAILED, follow exits 1.
+    bad, _ = submit("--storage-path", "/proc/drcaps")
+    failed = follow(bad)
+    told, _ = failed.communicate(timeout=300)
+    assert failed.returncode == 1 and stack.job_status(bad) == "FAILED", told[-3000:]
+    assert "error: --storage-path:" in told and "FAILED: drcaps search exited with code 2" in told, told[-3000:]
