@@ -108,8 +108,10 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class ConfirmConfig:
     """Confirm the winner before crowning it (search/tune/confirm.py): the ``top_k`` configs by the one ranking
-    are trained again ``seeds`` times with new seeds (model init and data order; ``resplit``: also a fresh
-    validation split drawn from the training data); the pick is the best mean over those runs."""
+    (with several objectives: the first ``top_k`` Pareto front members by ``search.pick``) are trained again
+    ``seeds`` times with new seeds (model init and data order; ``resplit``: also a fresh validation split drawn from
+    the training data); the pick is the best mean over those runs (several objectives: the pick rule on the
+    confirmed means, search/publish/front.py)."""
 
     top_k: int = 3
     seeds: int = 3
