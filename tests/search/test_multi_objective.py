@@ -1,7 +1,8 @@
 """A real multi-objective search on the digits (embedded Ray, Optuna, MLflow; MO-ASHA, TPE): the front in the
 summary, NAME.pareto.yaml, NAME.best.yaml, the MLflow tags and aliases, the Optuna study and the report all agree;
-the same search with ``search.confirm`` confirms its first front members and crowns by the rule on their confirmed
-values; and a multi-objective search stopped by Ctrl-C, then ``--resume``, ends with every trial and a front."""
+the search (``search.confirm: {top_k: 2, seeds: 2}``) confirms its first front members and crowns by the rule on
+their confirmed values; and a multi-objective search stopped by Ctrl-C, then ``--resume``, ends with every trial and
+a front."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from search.state import STATE_FILE
 from search.tune import run_search
 
 DRCAPS = Path(sys.executable).parent / "drcaps"
+CONFIRM = {"top_k": 2, "seeds": 2}
 SEARCH = {
     "objectives": [{"metric": "val_acc", "mode": "max"}, {"metric": "params", "mode": "min"}],
     "num_samples": 6, "max_concurrent": 2, "seed": 5, "resources": {"cpu": 1},
@@ -53,7 +55,9 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Pa
     import ray
 
     tmp = tmp_path_factory.mktemp("mo")
-    exp = experiment_from_dict(_raw(tmp, "mo-e2e"), base_dir=tmp)
+    raw = _raw(tmp, "mo-e2e")
+    raw["search"] = {**SEARCH, "confirm": CONFIRM}        # the front confirmed before its pick is crowned
+    exp = experiment_from_dict(raw, base_dir=tmp)
     printed = io.StringIO()
     try:
         plan = make_plan(exp, storage_path=tmp / "ray", out=tmp / "mo-e2e.best.yaml")
@@ -160,30 +164,11 @@ def test_report_draws_the_same_front_and_marks_the_pick(searched):
 
 # ---------------------------------------------------------------- the front confirmed before its pick is crowned
 
-CONFIRM = {"top_k": 2, "seeds": 2}
-
-
 @pytest.fixture(scope="module")
-def confirmed(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, Path, str]:
-    """The same search with ``search.confirm: {top_k: 2, seeds: 2}``, published and written out; its summary."""
-    import contextlib
-    import io
-
-    import ray
-
-    tmp = tmp_path_factory.mktemp("mo-confirm")
-    raw = _raw(tmp, "mo-confirm")
-    raw["search"] = {**SEARCH, "confirm": CONFIRM}
-    exp = experiment_from_dict(raw, base_dir=tmp)
-    printed = io.StringIO()
-    try:
-        plan = make_plan(exp, storage_path=tmp / "ray", out=tmp / "mo-confirm.best.yaml")
-        result = publish(plan, run_search(plan, verbose=0))
-        with contextlib.redirect_stdout(printed):
-            assert write_outputs(plan, result) == 0
-    finally:
-        ray.shutdown()
-    return result, tmp, printed.getvalue()
+def confirmed(searched: tuple[SearchResult, Path, str]) -> tuple[SearchResult, Path, str]:
+    """The module's search: it confirms (``search.confirm: {top_k: 2, seeds: 2}``), so one search serves both (a
+    second search of its own cost about 90 s of the suite)."""
+    return searched
 
 
 @pytest.mark.slow
@@ -209,11 +194,11 @@ def test_the_first_front_members_are_confirmed_and_the_rule_picks_on_their_confi
     assert result.best.number == expected and result.confirmed[expected]["n"] == 2
     mean = sum(means[expected]) / 2
     # @best, the export, NAME.pareto.yaml, the parent run and the summary agree on the confirmed pick.
-    assert tracking.model_version(uri, "mo-confirm-capsnet", "best")["run_id"] == result.best.run_id
-    export = yaml.safe_load((tmp / "mo-confirm.best.yaml").read_text())
+    assert tracking.model_version(uri, "mo-e2e-capsnet", "best")["run_id"] == result.best.run_id
+    export = yaml.safe_load((tmp / "mo-e2e.best.yaml").read_text())
     assert export["result"]["trial_id"] == result.best.trial_id
     assert export["result"]["confirmed"]["mean"] == pytest.approx(mean) and export["result"]["confirmed"]["n"] == 2
-    data = yaml.safe_load((tmp / "mo-confirm.pareto.yaml").read_text())
+    data = yaml.safe_load((tmp / "mo-e2e.pareto.yaml").read_text())
     assert data["picked_trial"] == expected
     assert {m["trial"]: m["confirmed"]["mean"] for m in data["front"] if "confirmed" in m} == \
         pytest.approx({n: sum(v) / 2 for n, v in means.items()})
