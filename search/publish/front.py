@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from search import pareto, tracking
 from search.tune import SearchRecords, TrialSummary, scored
 from search.tune.confirm import confirmed_stats
-from search.tune.objectives_run import front_order, trial_values, value_names
+from search.tune.objectives_run import front_order, pick_rule, trial_values, value_names
 
 if TYPE_CHECKING:
     from search.publish import SearchResult
@@ -76,9 +76,8 @@ def front_of(records: SearchRecords) -> Front:
     units = pareto.minimized([reference], [m for _, m in pairs])[0] if reference else ()
     return Front(pairs, tuple(trials[i] for i in ranked), {t.trial_id: r for t, r in zip(trials, rows, strict=True)},
                  hv, {m: float(v) for (m, _), v in zip(pairs, units, strict=False)},
-                 trials[chosen] if chosen is not None else None, json.dumps(s.pick) if not isinstance(s.pick, str)
-                 else s.pick, tuple(t.trial_id for t, r in zip(trials, rows, strict=True)
-                                    if not pareto.feasible(r, s.constraints)))
+                 trials[chosen] if chosen is not None else None, pick_rule(s),
+                 tuple(t.trial_id for t, r in zip(trials, rows, strict=True) if not pareto.feasible(r, s.constraints)))
 
 
 def front_pick(records: SearchRecords) -> tuple[TrialSummary, dict[int, dict[str, float]], list[str]]:

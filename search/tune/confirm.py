@@ -18,7 +18,6 @@ run.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import warnings
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from search import ranking, tracking
 from search.storage import confirm_attr, tuned_optuna_storage
 from search.tune import lean, runtime
-from search.tune.objectives_run import front_order
+from search.tune.objectives_run import front_order, pick_rule
 from search.tune.results import ConfirmRun, TrialSummary, scored
 from search.tune.searcher import TRIAL_NUMBER
 from search.tune.trial import CONFIRM_SEED, FAILURE_KEY, TrialContext, run_trial
@@ -64,8 +63,7 @@ def starting_line(search: SearchConfig, chosen: list[TrialSummary], runs: int, d
     c = search.confirm
     assert c is not None
     if search.multi_objective:
-        rule = search.pick if isinstance(search.pick, str) else json.dumps(search.pick)
-        what = (f"the first {len(chosen)} Pareto front members by search.pick ({rule})"
+        what = (f"the first {len(chosen)} Pareto front members by search.pick ({pick_rule(search)})"
                 + (f" (the front has only {len(chosen)}; search.confirm.top_k is {c.top_k})"
                    if len(chosen) < c.top_k else ""))
     else:

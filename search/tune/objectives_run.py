@@ -20,6 +20,7 @@ config, not the one training: its architecture is what costs, not its weights.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,11 @@ def trial_values(t: TrialSummary, names: Sequence[str]) -> dict[str, float]:
     """The trial's value of each metric in ``names`` (those it reported; its values at the epoch where its first
     objective was best, ``TrialSummary.metrics``)."""
     return {n: float(t.metrics[n]) for n in names if n in t.metrics and math.isfinite(float(t.metrics[n]))}
+
+
+def pick_rule(search: SearchConfig) -> str:
+    """``search.pick`` as written in lines, tags and files: ``knee``, or the rule's mapping as JSON."""
+    return search.pick if isinstance(search.pick, str) else json.dumps(search.pick)
 
 
 def front_order(trials: Sequence[TrialSummary], search: SearchConfig) -> list[int]:
