@@ -411,21 +411,16 @@ def test_every_published_port_refuses_a_client_without_credentials(stack):
     assert _status(jobs, {"Authorization": f"Bearer {stack.secrets['RAY_AUTH_TOKEN']}"}) == 200
     listed = stack.ray("job", "list", "--address", stack.dashboard, RAY_AUTH_TOKEN="0" * 64)
     assert listed.returncode != 0
-    # Ray Client: drcaps says what to set, exit code 2, before anything is created on the cluster.
+    # Ray Client and Ray Jobs (--submit): a wrong token or none is one line naming what to set, exit code 2, before
+    # anything is created on the cluster; below, an unknown job id to follow is one line too.
     (stack.workdir / "compose-noauth.yaml").write_text(yaml.safe_dump(_experiment("compose-noauth")))
-    for env in ({"RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
-        proc = _run([str(DRCAPS), "search", "compose-noauth.yaml", "--address", stack.ray_client], timeout=300,
-                    cwd=stack.workdir, env=stack.client_env(**env))
-        assert proc.returncode == 2, (env, proc.stdout[-2000:], proc.stderr[-3000:])
-        assert proc.stderr.startswith("error: --address:") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
-        assert "RAY_AUTH_TOKEN" in proc.stderr and stack.secrets["RAY_AUTH_TOKEN"] not in proc.stderr
-    # Ray Jobs through drcaps: a wrong token or none to --submit, an unknown job id to follow: one line, exit code 2.
-    for env in ({"RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
-        proc = _run([str(DRCAPS), "search", "compose-noauth.yaml", "--submit", stack.dashboard], timeout=300,
-                    cwd=stack.workdir, env=stack.client_env(**env))
-        assert proc.returncode == 2, (env, proc.stdout[-2000:], proc.stderr[-3000:])
-        assert proc.stderr.startswith("error: --submit:") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
-        assert "RAY_AUTH_TOKEN" in proc.stderr and stack.secrets["RAY_AUTH_TOKEN"] not in proc.stderr
+    for flag, address in (("--address", stack.ray_client), ("--submit", stack.dashboard)):
+        for env in ({"RAY_AUTH_TOKEN": "0" * 64}, {"RAY_AUTH_MODE": "disabled"}):
+            proc = _run([str(DRCAPS), "search", "compose-noauth.yaml", flag, address], timeout=300,
+                        cwd=stack.workdir, env=stack.client_env(**env))
+            assert proc.returncode == 2, (flag, env, proc.stdout[-2000:], proc.stderr[-3000:])
+            assert proc.stderr.startswith(f"error: {flag}:") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+            assert "RAY_AUTH_TOKEN" in proc.stderr and stack.secrets["RAY_AUTH_TOKEN"] not in proc.stderr
     unknown = _run([str(DRCAPS), "follow", "drcaps-nothing-000000", "--address", stack.dashboard], timeout=300,
                    cwd=stack.workdir, env=stack.client_env())
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr[-3000:]
