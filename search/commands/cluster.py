@@ -68,20 +68,16 @@ def search_through_ray_client(experiment: Path, overrides: list[str], *, address
         raise outcome["error"]
     for name, content in outcome["files"].items():           # the exported config, all trials, ...
         (folder / name).write_bytes(content)
-    if not shower.streamed:                                   # nothing came while it ran: its output, now
-        shower.there = {"out": outcome["out"], "experiment": outcome["experiment"]}
-        sys.stdout.write(shower.rewrite(outcome["stdout"]))
-        sys.stderr.write(shower.rewrite(outcome["stderr"]))
-    return int(outcome["code"])
+    return int(outcome["code"])                               # its output was shown as it came (shower)
 
 
 def search_on_head(experiment: Path, overrides: list[str], options: dict[str, Any],
                    experiment_text: str) -> dict[str, Any]:
     """``drcaps search`` as a task on the head node (search.tune.run_on_head): :func:`search_command` with
     ``options`` (its keyword arguments but ``address``) over a copy of the experiment file (``experiment_text``,
-    named as ``experiment``), its files written to a temporary folder and its output captured, all returned as
-    plain data: ``error`` (a DrcapsError, raised again on the client), else ``code``, ``stdout``, ``stderr``,
-    ``files`` ({name: bytes}) and the temporary folders (``out``, ``experiment``) the output names.
+    named as ``experiment``), its files written to a temporary folder, returned as plain data: ``error`` (a
+    DrcapsError, raised again on the client), else ``code`` and ``files`` ({name: bytes}). What it prints is sent
+    line by line as it is printed (search/tune/relay.py), with the temporary folders (``paths``) the lines name.
     A Ctrl-C on the client arrives here as KeyboardInterrupt: the search stops as it would on a terminal."""
     import contextlib
 
@@ -111,6 +107,5 @@ def search_on_head(experiment: Path, overrides: list[str], options: dict[str, An
             stdout.close_lines()
             stderr.close_lines()
         files = {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file()}
-    return {"error": None, "code": code, "stdout": as_published(stdout.getvalue()),
-            "stderr": as_published(stderr.getvalue()), "files": files, "out": out, "experiment": folder}
+    return {"error": None, "code": code, "files": files}
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,10 +306,11 @@ def test_ray_client_ships_plain_data_and_writes_what_the_head_returns(tmp_path: 
 
     shipped: list[tuple[object, ...]] = []
 
-    def on_head(address: str, fn: object, *args: object, on_event: object = None) -> dict[str, object]:
+    def on_head(address: str, fn: object, *args: object, on_event: Callable[[tuple], None]) -> dict[str, object]:
         shipped.append((address, fn, *pickle.loads(pickle.dumps(args))))
-        return {"error": None, "code": 0, "stdout": "exported best config: /head/out/b.yaml\n", "stderr": "",
-                "files": {"b.yaml": b"name: b\n"}, "out": "/head/out", "experiment": "/head/exp"}
+        on_event(("paths", {"out": "/head/out", "experiment": "/head/exp"}))    # as the head sends its output
+        on_event(("text", "out", "exported best config: /head/out/b.yaml\n"))
+        return {"error": None, "code": 0, "files": {"b.yaml": b"name: b\n"}}
 
     monkeypatch.setattr("search.tune.run_on_head", on_head)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
